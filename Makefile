@@ -1,0 +1,35 @@
+# Two set-up commands work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench env clean
+
+# (Re)install when pyproject.toml changes; pip keeps its download cache in ~/.cache/pip,
+# so a second fresh venv does not download torch again.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+env: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m distill.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) bench/cache_read.py
+	$(PY) bench/views.py
+	$(PY) bench/precompute.py
+	$(PY) bench/distill.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

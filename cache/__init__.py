@@ -1,0 +1,3 @@
+from cache.errors import CacheCorruptError, CacheLockedError, KdcacheError
+
+__all__ = ["KdcacheError", "CacheLockedError", "CacheCorruptError"]

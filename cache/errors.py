@@ -1,0 +1,13 @@
+"""User-facing errors: one line, naming the bad value and what was expected."""
+
+
+class KdcacheError(Exception):
+    """An error caused by user input; the CLI prints it on one line and exits 2."""
+
+
+class CacheLockedError(KdcacheError):
+    """Another writer holds the cache lock."""
+
+
+class CacheCorruptError(KdcacheError):
+    """A chunk's bytes do not match its checksum, or arrays disagree with the spec."""

@@ -1,0 +1,288 @@
+"""kdcache command line: parses options, builds a config, calls run(). No logic lives here.
+
+Heavy imports (torch, zarr) happen inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def _storage_options(value: str | None) -> dict:
+    """`--storage-options '{"endpoint_url": ...}'` -> dict for fsspec."""
+    if not value:
+        return {}
+    try:
+        opts = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{value!r} is not JSON ({e.msg})") from None
+    if not isinstance(opts, dict):
+        raise click.BadParameter(f"{value!r} must be a JSON object")
+    return opts
+
+
+def _hparams(pairs: tuple[str, ...]) -> dict:
+    """`--hparam c=0.3` pairs -> {"c": 0.3}; values are parsed as JSON when possible."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} must look like NAME=VALUE", param_hint="--hparam")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options", default=None, help="fsspec storage options as JSON (e.g. endpoint_url)."
+)
+
+
+class UserError(click.ClickException):
+    """A KdcacheError shown as one line, exit code 2, no traceback."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class Group(click.Group):
+    """Turns user errors raised anywhere below into `error: ...` and exit 2."""
+
+    def invoke(self, ctx: click.Context):
+        from cache.errors import KdcacheError
+
+        try:
+            return super().invoke(ctx)
+        except KdcacheError as e:
+            raise UserError(str(e)) from None
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """kdcache: run the teacher once, keep its logits, train many students fast."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--teacher", required=True, help="resnet34 (timm), tv:NAME, hf:PATH, resnet8..wrn_40_2."
+)
+@click.option("--dataset", default="digits", help="cifar10, cifar100, imagefolder, digits, text.")
+@click.option("--data-root", default=None, help="Dataset directory (or file for text).")
+@click.option("--split", default="train", help="Dataset split to run the teacher on.")
+@click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
+@click.option("--num-augs", default=8, type=int, help="Augmented views per sample (A).")
+@click.option("--augment", default="crop-flip", help="identity, crop-flip, rrc-flip, token-mask.")
+@click.option("--identity-view/--no-identity-view", default=True, help="View 0 is the eval view.")
+@click.option("--seed", default=0, type=int, help="Base seed of the view parameters.")
+@click.option("--out", required=True, help="Cache path (.zarr/.h5) or a root directory.")
+@click.option("--weights", default=None, help="State dict or kdcache checkpoint of the teacher.")
+@click.option("--pretrained", is_flag=True, help="Load the library's pretrained weights (hub).")
+@click.option("--num-classes", default=None, type=int, help="Classes of the teacher head.")
+@click.option("--image-size", default=None, type=int, help="View output size (rrc-flip).")
+@click.option("--max-length", default=128, type=int, help="Token length for text teachers.")
+@click.option("--mask-prob", default=0.15, type=float, help="token-mask: fraction masked.")
+@click.option(
+    "--format",
+    "fmt",
+    default=None,
+    type=click.Choice(["zarr", "hdf5"]),
+    help="Store format; default from the --out suffix, else zarr.",
+)
+@click.option(
+    "--dtype",
+    default="float16",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Stored logit dtype.",
+)
+@click.option(
+    "--compression",
+    default="none",
+    type=click.Choice(["none", "zstd", "gzip"]),
+    help="Chunk compression.",
+)
+@click.option("--chunk-samples", default=256, type=int, help="Samples per chunk (unit of work).")
+@click.option("--batch-size", default=256, type=int, help="Teacher batch size (<= chunk).")
+@click.option("--workers", default=0, type=int, help="Threads preparing views ahead.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache with another spec.")
+@click.option("--break-lock", is_flag=True, help="Break a stale writer lock.")
+@click.option("--max-samples", default=None, type=int, help="Use only the first N samples.")
+@STORAGE_OPTIONS
+def precompute(**kw) -> None:
+    """Stage 1: run the teacher once under seeded views and store its raw logits."""
+    from precompute.config import PrecomputeConfig
+    from precompute.run import format_summary, run
+
+    kw["format"] = kw.pop("fmt")
+    kw["storage_options"] = _storage_options(kw["storage_options"])
+    kw["command"] = shlex.join(sys.argv)
+    click.echo(format_summary(run(PrecomputeConfig(**kw))))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--cache", "caches", multiple=True, help="Cache path/URL; repeat for an ensemble.")
+@click.option("--student", required=True, help="Student model name (same factory as teachers).")
+@click.option(
+    "--loss", default="ce", help="ce, kd, wsl, lsr, tfkd-reg, tfkd-self, lsr-os, lsr-os-tc, mrkd."
+)
+@click.option("--temperature", "-T", default=None, type=float, help="Loss temperature.")
+@click.option("--alpha", default=None, type=float, help="Loss soft-term weight.")
+@click.option("--hparam", multiple=True, help="Other loss hyper-parameters, NAME=VALUE.")
+@click.option("--dataset", default="digits", help="Dataset the cache was computed on.")
+@click.option("--data-root", default=None, help="Dataset directory (or file for text).")
+@click.option("--split", default="train", help="Training split.")
+@click.option("--test-split", default="test", help="Evaluation split ('none' to skip).")
+@click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
+@click.option("--num-classes", default=None, type=int, help="Classes (default: from data).")
+@click.option("--pretrained", is_flag=True, help="Start the student from hub weights.")
+@click.option("--weights", default=None, help="Initial student weights.")
+@click.option("--epochs", default=240, type=int, help="Epochs (CIFAR recipe: 240).")
+@click.option("--batch-size", default=64, type=int, help="Global batch size.")
+@click.option("--lr", default=0.05, type=float, help="Learning rate.")
+@click.option("--momentum", default=0.9, type=float, help="SGD momentum.")
+@click.option("--weight-decay", default=5e-4, type=float, help="Weight decay.")
+@click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]), help="Optimizer.")
+@click.option(
+    "--schedule",
+    default="step",
+    type=click.Choice(["step", "cosine", "constant"]),
+    help="LR schedule.",
+)
+@click.option("--milestones", default="150,180,210", help="Step schedule epochs, comma-separated.")
+@click.option("--gamma", default=0.1, type=float, help="Step schedule factor.")
+@click.option(
+    "--augment",
+    default="crop-flip",
+    help="View policy when training without a cache (with one: the cache's).",
+)
+@click.option(
+    "--views",
+    default="one",
+    type=click.Choice(["one", "all"]),
+    help="Per epoch: one random cached view per sample, or all views.",
+)
+@click.option(
+    "--teacher-view",
+    default="same",
+    type=click.Choice(["same", "mean"]),
+    help="Teacher logits of the replayed view, or the mean over all cached views.",
+)
+@click.option(
+    "--ensemble",
+    default="mean-logits",
+    type=click.Choice(["mean-logits", "mean-probs"]),
+    help="How several --cache teachers combine.",
+)
+@click.option(
+    "--memory-budget-gb", default=4.0, type=float, help="Load caches into RAM up to this."
+)
+@click.option("--image-size", default=None, type=int, help="View output size (rrc-flip).")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
+@click.option("--workers", default=0, type=int, help="Threads preparing batches ahead.")
+@click.option("--seed", default=0, type=int, help="Training seed.")
+@click.option("--out", default="runs/distill", help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--max-samples", default=None, type=int, help="Use only the first N samples.")
+@click.option("--max-steps", default=None, type=int, help="Stop after N optimizer steps.")
+@click.option("--plots/--no-plots", default=True, help="Write PNG plots of the metrics.")
+@STORAGE_OPTIONS
+def distill(**kw) -> None:
+    """Stage 2: train a student from cached teacher logits (or plain CE without a cache)."""
+    from distill.config import DistillConfig
+    from distill.train import run
+
+    hp = _hparams(kw.pop("hparam"))
+    for name, key in (("temperature", "T"), ("alpha", "alpha")):
+        value = kw.pop(name)
+        if value is not None:
+            hp[key] = value
+    kw["hparams"] = hp
+    kw["caches"] = list(kw["caches"])
+    try:
+        kw["milestones"] = [int(m) for m in kw["milestones"].split(",") if m.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{kw['milestones']!r} is not a list of epochs", param_hint="--milestones"
+        ) from None
+    kw["storage_options"] = _storage_options(kw["storage_options"])
+    rec = run(DistillConfig(**kw))
+    if rec:
+        acc = rec.get("test_acc", rec.get("train_acc"))
+        click.echo(
+            f"done: epoch {rec['epoch']}  loss {rec['loss']:.4f}  acc {acc:.4f}  "
+            f"{rec['samples_per_s']:.0f} samples/s  -> {kw['out']}"
+        )
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="Model name (same factory as teachers).")
+@click.option("--weights", required=True, help="Checkpoint or state dict.")
+@click.option("--dataset", default="digits", help="Dataset.")
+@click.option("--data-root", default=None, help="Dataset directory.")
+@click.option("--split", default="test", help="Split to evaluate.")
+@click.option("--num-classes", default=None, type=int, help="Classes (default: checkpoint).")
+@click.option("--batch-size", default=256, type=int, help="Batch size.")
+@click.option("--device", default="auto", help="auto, cpu, cuda.")
+def evaluate(**kw) -> None:
+    """Print the top-1 accuracy of a model on a dataset split."""
+    from distill.evaluate import run_evaluate
+
+    run_evaluate(**kw)
+
+
+@main.group(context_settings=CONTEXT)
+def cache() -> None:
+    """Inspect and check caches."""
+
+
+@cache.command(context_settings=CONTEXT)
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@STORAGE_OPTIONS
+def info(path: str, as_json: bool, storage_options: str | None) -> None:
+    """Spec, key, N×A×C, dtype, size, completeness and provenance of a cache."""
+    from cache.tools import format_info
+    from cache.tools import info as cache_info
+
+    d = cache_info(path, storage_options=_storage_options(storage_options))
+    click.echo(json.dumps(d, indent=2, sort_keys=True) if as_json else format_info(d))
+
+
+@cache.command(context_settings=CONTEXT)
+@click.argument("path")
+@click.option("--replay", is_flag=True, help="Also recompute the stored view digests.")
+@click.option("--data-root", default=None, help="Dataset root for --replay.")
+@STORAGE_OPTIONS
+def verify(path: str, replay: bool, data_root: str | None, storage_options: str | None) -> None:
+    """Check completeness, checksums, NaN/Inf and shapes; exit 1 naming the problem."""
+    from precompute.replay import run_verify
+
+    problems = run_verify(
+        path, replay=replay, data_root=data_root, storage_options=_storage_options(storage_options)
+    )
+    if problems:
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {path}")
+
+
+if __name__ == "__main__":
+    main()

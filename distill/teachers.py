@@ -1,0 +1,173 @@
+"""Where stage 2's teacher logits come from: the cache (RAM or chunk-aware), a live teacher,
+or the student's own history (MrKD). All share `logits(samples, augs, views) -> (B, C)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+
+from cache.errors import KdcacheError
+
+log = logging.getLogger(__name__)
+
+
+def open_caches(paths: list[str], dataset, num_classes: int, storage_options: dict | None):
+    """Open every cache read-only and refuse any that does not match the dataset given."""
+    from cache.store import open_cache
+
+    caches = [open_cache(p, "r", storage_options=storage_options or None) for p in paths]
+    fp = dataset.fingerprint()
+    first = caches[0]
+    for p, c in zip(paths, caches, strict=True):
+        if c.n != len(dataset):
+            raise KdcacheError(
+                f"cache {p} has N={c.n} samples but dataset "
+                f"{dataset.name}/{dataset.split} has {len(dataset)}"
+            )
+        if c.spec.dataset.get("fingerprint") != fp:
+            raise KdcacheError(
+                f"cache {p} was computed on another dataset (fingerprint "
+                f"{c.spec.dataset.get('fingerprint', '')[:12]} != {fp[:12]} of "
+                f"{dataset.name}/{dataset.split}); check --dataset/--data-root"
+            )
+        if c.num_classes != num_classes:
+            raise KdcacheError(
+                f"cache {p} has {c.num_classes} classes; the student has {num_classes}"
+            )
+        c.require_complete()
+        if c.spec.views != first.spec.views:
+            diff = sorted(
+                k
+                for k in set(c.spec.views) | set(first.spec.views)
+                if c.spec.views.get(k) != first.spec.views.get(k)
+            )
+            raise KdcacheError(
+                f"caches {paths[0]} and {p} do not share views "
+                f"(views.{', views.'.join(diff)} differ)"
+            )
+    return caches
+
+
+def combine(logits: list[np.ndarray], mode: str) -> np.ndarray:
+    """Teacher ensemble: mean of logits, or log of the mean of probabilities."""
+    if len(logits) == 1:
+        return logits[0]
+    stack = np.stack([x.astype(np.float32, copy=False) for x in logits])
+    if mode == "mean-logits":
+        return stack.mean(0)
+    if mode == "mean-probs":
+        m = stack.max(-1, keepdims=True)
+        p = np.exp(stack - m)
+        p /= p.sum(-1, keepdims=True)
+        return np.log(p.mean(0) + 1e-12).astype(np.float32)
+    raise KdcacheError(f"unknown --ensemble {mode!r}; expected mean-logits or mean-probs")
+
+
+class CachedTeacher:
+    """Cached logits in RAM: one cache in its stored dtype, or a combined float32 array."""
+
+    needs_views = False
+
+    def __init__(self, caches, teacher_view: str, ensemble: str, budget_bytes: int) -> None:
+        if teacher_view not in ("same", "mean"):
+            raise KdcacheError(f"unknown --teacher-view {teacher_view!r}; expected same or mean")
+        self.caches = caches
+        self.num_augs = caches[0].num_augs
+        self.view_params = caches[0].view_params()  # (N, A, P): small, replayed every step
+        self.teacher_view = teacher_view
+        single = len(caches) == 1 and teacher_view == "same"
+        need = sum(c.nbytes() for c in caches) * (1 if single else 3)
+        self.in_ram = need <= budget_bytes
+        self.chunked = None
+        if not self.in_ram:
+            if not single:
+                raise KdcacheError(
+                    f"ensembles and --teacher-view mean need the caches in RAM ({need} bytes) "
+                    f"but --memory-budget-gb allows {budget_bytes}; raise it"
+                )
+            log.info("cache %s exceeds the RAM budget: chunk-aware reads", caches[0].path)
+            self.chunked = caches[0]
+            return
+        if single:
+            self.mem = caches[0].load(budget_bytes)
+            self.table = None
+        else:
+            from cache.backends import decode
+
+            arrays = []
+            for c in caches:
+                raw = c.load(budget_bytes).raw
+                full = decode(raw, c.dtype)
+                arrays.append(full.mean(1) if teacher_view == "mean" else full)
+            self.table = combine(arrays, ensemble)
+            self.mem = None
+        log.info("teacher logits in RAM (%d caches, view=%s)", len(caches), teacher_view)
+
+    def logits(self, samples: np.ndarray, augs: np.ndarray, views=None) -> torch.Tensor:
+        if self.mem is not None:
+            return torch.from_numpy(self.mem.read(samples, augs))
+        if self.teacher_view == "mean":
+            return torch.from_numpy(np.ascontiguousarray(self.table[samples]))
+        return torch.from_numpy(np.ascontiguousarray(self.table[samples, augs]))
+
+    def params(self, samples: np.ndarray, augs: np.ndarray) -> np.ndarray:
+        return self.view_params[samples, augs]
+
+
+class OnlineTeacher:
+    """A teacher model run on the replayed views (online KD, and the proof test)."""
+
+    needs_views = True
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+
+    @torch.no_grad()
+    def logits(self, samples, augs, views) -> torch.Tensor:
+        from precompute.run import forward
+
+        return forward(self.model, views).float()
+
+
+class MrKDTeacher:
+    """The mean logits of the student's M frozen historical copies (no cache needed)."""
+
+    needs_views = True
+
+    def __init__(self, copies: int, interval: int) -> None:
+        if copies < 1 or interval < 1:
+            raise KdcacheError(f"mrkd needs M >= 1 and interval >= 1 (got {copies}, {interval})")
+        self.copies_max, self.interval = copies, interval
+        self.copies: list[torch.nn.Module] = []
+
+    def maybe_snapshot(self, student: torch.nn.Module, step: int) -> None:
+        """Every `interval` steps the current student joins the frozen queue."""
+        if step > 0 and step % self.interval == 0:
+            snap = copy.deepcopy(student).eval()
+            for p in snap.parameters():
+                p.requires_grad_(False)
+            self.copies = (self.copies + [snap])[-self.copies_max :]
+
+    @torch.no_grad()
+    def logits(self, samples, augs, views) -> torch.Tensor | None:
+        from precompute.run import forward
+
+        if not self.copies:
+            return None
+        return torch.stack([forward(m, views).float() for m in self.copies]).mean(0)
+
+    def state(self) -> list[dict]:
+        return [m.state_dict() for m in self.copies]
+
+    def load_state(self, student: torch.nn.Module, states: list[dict]) -> None:
+        self.copies = []
+        for sd in states:
+            snap = copy.deepcopy(student).eval()
+            snap.load_state_dict(sd)
+            for p in snap.parameters():
+                p.requires_grad_(False)
+            self.copies.append(snap)

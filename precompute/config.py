@@ -1,0 +1,40 @@
+"""Stage-1 configuration: everything `cli.py precompute` can set, in one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PrecomputeConfig:
+    """Options of a precompute run. Only the spec-relevant ones reach the cache key."""
+
+    teacher: str
+    out: str
+    dataset: str = "digits"
+    data_root: str | None = None
+    split: str = "train"
+    download: bool = False
+    num_augs: int = 8
+    augment: str = "crop-flip"
+    identity_view: bool = True
+    seed: int = 0
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    image_size: int | None = None
+    max_length: int = 128
+    mask_prob: float = 0.15
+    format: str | None = None
+    dtype: str = "float16"
+    compression: str = "none"
+    chunk_samples: int = 256
+    batch_size: int = 256
+    workers: int = 0
+    device: str = "auto"
+    amp: bool = False
+    overwrite: bool = False
+    break_lock: bool = False
+    max_samples: int | None = None
+    storage_options: dict = field(default_factory=dict)
+    command: str | None = None

@@ -1,0 +1,256 @@
+"""One factory for teachers and students: timm, torchvision (``tv:``), Hugging Face (``hf:``)
+and the CIFAR zoo of the KD literature, all returning ``(model, info)``.
+
+Image models take float ``(B,3,H,W)`` in ``[0,1]`` and normalize inside with the mean/std
+resolved from the model itself, so a cache's views never depend on a caller's normalization.
+Text models take ``(input_ids, attention_mask)`` and return logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cache.errors import KdcacheError
+from precompute.cifar_zoo import CIFAR100_MEAN, CIFAR100_STD, CIFAR_MODELS, create_cifar_model
+from precompute.weights import (
+    first_line,
+    load_matching,
+    load_weights_into,
+    num_outputs,
+    read_weights,
+    state_dict_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_TEXT_MAX_LENGTH = 128
+
+
+class Normalized(nn.Module):
+    """``net((x - mean) / std)``; mean/std are non-persistent so state dicts equal the net's
+    (prefixed ``net.``)."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+class TextClassifier(nn.Module):
+    """Hugging Face sequence classifier whose forward returns the logits tensor."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    weights: str | None = None,
+    **kw,
+) -> tuple[nn.Module, dict]:
+    """Build a model by prefixed name; see the module docstring and ``info`` keys below.
+
+    ``info``: name, source (timm|torchvision|hf|cifar), arch, num_classes, weights_sha256
+    (sha256 of ``weights`` file; for library-pretrained weights a sha256 of the loaded
+    tensors; None for random init), preprocessing, modality (image|text).
+    Extra kw: ``model_kwargs`` (dict forwarded to the library builder), ``max_length`` (hf).
+    """
+    if pretrained and weights:
+        raise KdcacheError("give either pretrained=True or weights=PATH, not both")
+    state = read_weights(weights) if weights else None
+    if name.startswith("hf:"):
+        from precompute.hf_models import create_hf_model
+
+        return create_hf_model(name, name[3:], num_classes, state, weights, kw)
+    if name.startswith("tv:"):
+        source, arch = "torchvision", name[3:]
+        _check_tv_name(arch)
+    elif name in CIFAR_MODELS:
+        source, arch = "cifar", name
+    elif _is_timm_model(name):
+        source, arch = "timm", name
+    else:
+        raise KdcacheError(
+            f"unknown model {name!r}: expected a timm name (e.g. resnet50, vit_small_patch16_224), "
+            f"tv:NAME (torchvision, e.g. tv:resnet18), hf:PATH_OR_ID (Hugging Face sequence "
+            f"classifier, e.g. hf:bert-base-uncased) or a CIFAR-zoo name "
+            f"({', '.join(CIFAR_MODELS)})"
+        )
+    model_kwargs = dict(kw.get("model_kwargs") or {})
+    builder = _BUILDERS[source]
+
+    def build(n: int | None, pre: bool) -> nn.Module:
+        return builder(arch, n, pre, model_kwargs)
+
+    if pretrained:
+        net = _hub_call(name, lambda: build(num_classes, True))
+        sha = state_dict_sha256(net.state_dict())
+    else:
+        net = build(num_classes, False)
+        sha = None
+    if state is not None:
+        net = load_weights_into(net, state, num_classes, lambda n: build(n, False), weights)
+        sha = state.sha256
+    preprocessing = _PREPROCESSORS[source](net, arch)
+    model = Normalized(net, preprocessing["mean"], preprocessing["std"])
+    info = {
+        "name": name,
+        "source": source,
+        "arch": arch,
+        "num_classes": num_outputs(net),
+        "weights_sha256": sha,
+        "preprocessing": preprocessing,
+        "modality": "image",
+    }
+    return model, info
+
+
+def load_tokenizer(info: dict):
+    """The tokenizer recorded in a text model's info (``preprocessing.tokenizer``)."""
+    from precompute.hf_models import load_hf_tokenizer
+
+    if info.get("modality") != "text":
+        raise KdcacheError(f"model {info.get('name')!r} is not a text model; it has no tokenizer")
+    return load_hf_tokenizer(info["preprocessing"]["tokenizer"])
+
+
+def model_input_size(info: dict) -> tuple[int, ...]:
+    """``(H, W)`` for image models, ``(max_length,)`` for text models."""
+    pre = info["preprocessing"]
+    if info.get("modality") == "text":
+        return (int(pre["max_length"]),)
+    return tuple(int(v) for v in pre["input_size"][1:])
+
+
+def _hub_call(name: str, fn: Callable[[], nn.Module]) -> nn.Module:
+    """Run a library's pretrained download; offline failures become one-line KdcacheErrors."""
+    try:
+        return fn()
+    except KdcacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - hub libraries raise many network error types
+        raise KdcacheError(
+            f"cannot load pretrained weights for {name!r} ({type(e).__name__}: "
+            f"{first_line(e)[:200]}); offline? pass --weights PATH or fill the hub cache first"
+        ) from e
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or bool(timm.is_model(name))
+
+
+def _check_tv_name(arch: str) -> None:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise KdcacheError(
+            f"unknown torchvision classification model {arch!r} (e.g. {', '.join(known[:5])}...)"
+        )
+
+
+def _build_timm(arch: str, n: int | None, pretrained: bool, kwargs: dict) -> nn.Module:
+    import timm
+
+    if n is not None:
+        kwargs = {**kwargs, "num_classes": n}
+    return timm.create_model(arch, pretrained=pretrained, **kwargs)
+
+
+def _build_tv(arch: str, n: int | None, pretrained: bool, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    if not pretrained:
+        return torchvision.models.get_model(
+            arch, weights=None, **kwargs, **({} if n is None else {"num_classes": n})
+        )
+    w = torchvision.models.get_model_weights(arch).DEFAULT
+    net = torchvision.models.get_model(arch, weights=w, **kwargs)
+    if n is None or n == len(w.meta.get("categories", [])):
+        return net
+    fresh = torchvision.models.get_model(arch, weights=None, num_classes=n, **kwargs)
+    load_matching(fresh, net.state_dict())
+    return fresh
+
+
+def _build_cifar(arch: str, n: int | None, pretrained: bool, kwargs: dict) -> nn.Module:
+    if pretrained:
+        raise KdcacheError(
+            f"CIFAR-zoo model {arch!r} has no downloadable weights; pass --weights PATH "
+            "(e.g. a RepDistiller checkpoint)"
+        )
+    return create_cifar_model(arch, 100 if n is None else n)
+
+
+def _pre_timm(net: nn.Module, arch: str) -> dict:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=net)
+    return {
+        "input_size": [int(v) for v in cfg["input_size"]],
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": str(cfg.get("interpolation", "bilinear")),
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+    }
+
+
+def _pre_tv(net: nn.Module, arch: str) -> dict:
+    import torchvision
+
+    try:
+        t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        crop, mean, std = int(t.crop_size[0]), list(t.mean), list(t.std)
+        resize, interp = int(t.resize_size[0]), t.interpolation.value
+    except Exception:  # noqa: BLE001 - models without weight metadata get ImageNet defaults
+        crop, mean, std, resize, interp = (
+            224,
+            list(IMAGENET_MEAN),
+            list(IMAGENET_STD),
+            256,
+            "bilinear",
+        )
+    return {
+        "input_size": [3, crop, crop],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "interpolation": str(interp),
+        "crop_pct": round(crop / resize, 6),
+    }
+
+
+def _pre_cifar(net: nn.Module, arch: str) -> dict:
+    return {
+        "input_size": [3, 32, 32],
+        "mean": list(CIFAR100_MEAN),
+        "std": list(CIFAR100_STD),
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+
+
+_BUILDERS = {"timm": _build_timm, "torchvision": _build_tv, "cifar": _build_cifar}
+_PREPROCESSORS = {"timm": _pre_timm, "torchvision": _pre_tv, "cifar": _pre_cifar}

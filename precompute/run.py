@@ -1,0 +1,245 @@
+"""Stage 1: run the teacher once over every (sample, view) and store its raw logits.
+
+A chunk of `chunk_samples` samples is the unit of work, of resume and of distribution:
+batches never straddle chunks, ranks take `chunk % world_size == rank`, and a chunk is
+written whole (arrays, checksum, done flag) so a killed run resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache.errors import KdcacheError
+from precompute.config import PrecomputeConfig
+from precompute.runtime import Runtime, barrier, broadcast_object, init_runtime, shutdown
+from precompute.setup import Setup, build_setup, raw_batch, resolve_out_path
+
+log = logging.getLogger(__name__)
+
+
+def forward(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Teacher/student call for image tensors and tokenized text alike."""
+    if isinstance(batch, dict):
+        return model(batch["input_ids"], batch["attention_mask"])
+    return model(batch)
+
+
+def to_device(batch, device: torch.device):
+    """Move a view batch (tensor or dict of tensors) to the compute device."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+def prepare_chunk(setup: Setup, start: int, stop: int, batch_size: int):
+    """Raw samples + their seeded view params, cut into fixed chunk-local view batches."""
+    samples = np.arange(start, stop, dtype=np.int64)
+    params = setup.view_params(samples)  # (n, A, P)
+    n, a, p = params.shape
+    raw = raw_batch(setup.dataset, samples)
+    flat_params = torch.from_numpy(params.reshape(n * a, p))
+    rows = np.repeat(np.arange(n), a)
+    batches = []
+    for lo in range(0, n * a, batch_size):
+        hi = min(lo + batch_size, n * a)
+        idx = torch.from_numpy(rows[lo:hi])
+        raw_b = [raw[i] for i in rows[lo:hi]] if isinstance(raw, list) else raw[idx]
+        batches.append(setup.policy.apply(raw_b, flat_params[lo:hi]))
+    return params, batches
+
+
+def _teacher_logits(setup: Setup, batches, device: torch.device, amp: bool) -> np.ndarray:
+    outs = []
+    with torch.inference_mode():
+        for b in batches:
+            b = to_device(b, device)
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                outs.append(forward(setup.model, b).float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
+    """Rank 0 creates (or resumes) the store under its lock; other ranks join it."""
+    from cache.store import create_cache
+
+    hdf5 = setup.backend == "hdf5"
+    kwargs = dict(
+        labels=setup.dataset.labels,
+        keys=setup.dataset.keys,
+        provenance=setup.provenance(cfg),
+        backend=setup.backend,
+        storage_options=cfg.storage_options or None,
+    )
+    if hdf5 and rt.distributed:
+        # HDF5 has one writer per file: each rank writes a shard, rank 0 merges them.
+        shard = f"{path}.rank{rt.rank}-of{rt.world_size}.h5"
+        return create_cache(shard, setup.spec, overwrite=cfg.overwrite, lock=True, **kwargs)
+    err = None
+    writer = None
+    if rt.is_main:
+        try:
+            writer = create_cache(
+                path,
+                setup.spec,
+                overwrite=cfg.overwrite,
+                lock=True,
+                break_lock=cfg.break_lock,
+                **kwargs,
+            )
+        except KdcacheError as e:
+            err = str(e)
+    err = broadcast_object(rt, err)
+    if err:
+        raise KdcacheError(err)
+    barrier(rt)
+    if writer is None:
+        writer = create_cache(path, setup.spec, overwrite=False, lock=False, **kwargs)
+    return writer
+
+
+def run(cfg: PrecomputeConfig) -> dict:
+    """Run stage 1 end to end and return a summary (path, key, shape, bytes, seconds)."""
+    rt = init_runtime(cfg.device)
+    try:
+        return _run(cfg, rt)
+    finally:
+        shutdown(rt)
+
+
+def _run(cfg: PrecomputeConfig, rt: Runtime) -> dict:
+    t0 = time.perf_counter()
+    setup = build_setup(cfg, rt.device)
+    path = resolve_out_path(cfg, setup)
+    existed = "://" not in path and Path(path).exists()
+    writer = _open_writer(cfg, setup, rt, path)
+    try:
+        return _compute(cfg, rt, setup, path, writer, t0)
+    except KdcacheError:
+        if rt.is_main and not existed:  # a run that fails on bad input leaves nothing behind
+            from cache.backends import backend_class
+
+            writer.close()
+            backend_class(setup.backend).delete(path)
+        raise
+
+
+def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer, t0: float):
+    todo = writer.todo_chunks(rt.rank, rt.world_size)
+    spec = setup.spec
+    n_todo = sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in todo)
+    log.info("rank %d: %d chunks to compute (%d samples)", rt.rank, len(todo), n_todo)
+    setup.model.to(rt.device).eval()
+    if rt.device.type == "cuda" and setup.modality == "image":
+        setup.model.to(memory_format=torch.channels_last)
+    with tqdm(
+        total=n_todo * spec.num_augs,
+        unit="view",
+        disable=not rt.is_main,
+        desc="precompute",
+        dynamic_ncols=True,
+    ) as bar:
+        _loop(cfg, rt, setup, writer, todo, bar)
+    barrier(rt)
+    if setup.backend == "hdf5" and rt.distributed:
+        writer.close()
+        barrier(rt)
+        if rt.is_main:
+            from cache.store import merge_shards
+
+            shards = [f"{path}.rank{r}-of{rt.world_size}.h5" for r in range(rt.world_size)]
+            merge_shards(path, shards)
+            for s in shards:
+                Path(s).unlink(missing_ok=True)
+    elif rt.is_main:
+        writer.finalize()
+    else:
+        writer.close()
+    barrier(rt)
+    seconds = time.perf_counter() - t0
+    return summarize(path, setup, seconds, n_todo, cfg.storage_options)
+
+
+def _loop(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo: list[int], bar) -> None:
+    """Teacher forward over the todo chunks. Views for the next chunks are prepared and
+    finished chunks are written in background threads, so data loading and cache writes
+    overlap the teacher's forward."""
+    spec = setup.spec
+    workers = max(1, cfg.workers)
+    batch_size = max(1, min(cfg.batch_size, spec.chunk_samples * spec.num_augs))
+    with ThreadPoolExecutor(workers) as prep, ThreadPoolExecutor(1) as io:
+        pending = [
+            prep.submit(prepare_chunk, setup, *writer.chunk_range(c), batch_size)
+            for c in todo[: workers + 1]
+        ]
+        writes = []
+        for j, c in enumerate(todo):
+            params, batches = pending[j].result()
+            if j + workers + 1 < len(todo):
+                nxt = todo[j + workers + 1]
+                pending.append(
+                    prep.submit(prepare_chunk, setup, *writer.chunk_range(nxt), batch_size)
+                )
+            pending[j] = None
+            logits = _teacher_logits(setup, batches, rt.device, cfg.amp)
+            n = params.shape[0]
+            logits = logits.reshape(n, spec.num_augs, -1)
+            _check_finite(logits, writer.chunk_range(c)[0], setup)
+            writes.append(io.submit(writer.write_chunk, c, logits, params))
+            while len(writes) > 2:  # bounded write-behind; errors surface here
+                writes.pop(0).result()
+            bar.update(n * spec.num_augs)
+        for w in writes:
+            w.result()
+
+
+def _check_finite(logits: np.ndarray, start: int, setup: Setup) -> None:
+    bad = ~np.isfinite(logits).all(axis=(1, 2))
+    if bad.any():
+        idx = (np.flatnonzero(bad) + start)[:5].tolist()
+        keys = [setup.dataset.keys[i] for i in idx]
+        raise KdcacheError(
+            f"teacher produced NaN/Inf logits for samples {idx} ({', '.join(keys)}); "
+            "refusing to cache them"
+        )
+
+
+def summarize(path: str, setup: Setup, seconds: float, computed: int, storage_options) -> dict:
+    """The final one-screen summary of a run."""
+    from cache.tools import info
+
+    d = info(path, storage_options=storage_options or None)
+    spec = setup.spec
+    views = computed * spec.num_augs
+    out = {
+        "path": path,
+        "key": spec.key(),
+        "shape": [spec.n, spec.num_augs, spec.num_classes],
+        "bytes": d.get("size_bytes"),
+        "complete": d.get("complete"),
+        "seconds": round(seconds, 2),
+        "computed_samples": computed,
+        "views_per_s": round(views / max(seconds, 1e-9), 1),
+    }
+    log.info("precompute summary %s", out)
+    return out
+
+
+def format_summary(s: dict) -> str:
+    """Human-readable summary line block for the CLI."""
+    n, a, c = s["shape"]
+    return (
+        f"cache     {s['path']}\n"
+        f"key       {s['key']}\n"
+        f"shape     {n} samples x {a} views x {c} classes\n"
+        f"bytes     {s['bytes']}\n"
+        f"complete  {s['complete']}\n"
+        f"time      {s['seconds']} s for {s['computed_samples']} samples "
+        f"({s['views_per_s']} views/s)"
+    )

@@ -1,0 +1,85 @@
+"""Device and torch.distributed plumbing shared by both stages (torchrun, never a home-made one)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cache.errors import KdcacheError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Who we are in a torchrun job (rank 0 of 1 without one) and where we compute."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA when present (one GPU per local rank), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KdcacheError(
+            f"unknown --device {name!r}; expected auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdcacheError(f"--device {name!r} asked for CUDA but no GPU is available")
+    return device
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend)
+        log.info("rank %d/%d joined the %s process group", rank, world, backend)
+    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def barrier(rt: Runtime) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if rt.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(rt: Runtime, obj):
+    """Rank 0's object on every rank; used to share an error or a path decided on rank 0."""
+    if not rt.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown(rt: Runtime) -> None:
+    """Leave the process group so torchrun exits cleanly."""
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,252 @@
+"""Resolve a precompute config into dataset, teacher, view policy and the cache spec.
+
+Shared by stage 1 (to compute) and stage 2 / `cache verify --replay` (to replay views).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache.errors import KdcacheError
+from cache.spec import CacheSpec
+from precompute.config import PrecomputeConfig
+
+SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
+TEXT_POLICIES = ("identity", "token-mask")
+
+
+@dataclass
+class Setup:
+    """Everything a stage-1 run needs, resolved once."""
+
+    dataset: object  # precompute.datasets.RawDataset, with `images` or tokenized `tokens`
+    model: torch.nn.Module
+    info: dict
+    policy: object
+    spec: CacheSpec
+    backend: str
+    modality: str
+
+    def view_params(self, samples: np.ndarray) -> np.ndarray:
+        """(B, A, P) params keyed only by (seed, sample, aug)."""
+        from precompute.views import view_params_for
+
+        v = self.spec.views
+        return view_params_for(self.policy, v["seed"], samples, v["num_augs"], v["identity_view"])
+
+    def provenance(self, cfg: PrecomputeConfig) -> dict:
+        """Stored with the cache, never hashed into its key."""
+        return {
+            "tool": "kdcache 0.1.0",
+            "torch": torch.__version__,
+            "torchvision": _version("torchvision"),
+            "timm": _version("timm"),
+            "transformers": _version("transformers"),
+            "python": platform.python_version(),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "user": _user(),
+            "host": platform.node(),
+            "command": cfg.command,
+            "replay_digests": replay_digests(self),
+        }
+
+
+def raw_batch(dataset, samples: np.ndarray):
+    """Raw inputs of `samples`: token ids once a text dataset is tokenized, else images."""
+    tokens = getattr(dataset, "tokens", None)
+    if tokens is not None:
+        return tokens[torch.from_numpy(np.asarray(samples, dtype=np.int64))]
+    return dataset.get(samples)
+
+
+def _version(package: str) -> str | None:
+    """Installed version without importing the package (timm pulls in torchvision: seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"
+
+
+def replay_digests(setup: Setup, count: int = 3) -> list[dict]:
+    """Hashes of a few view tensors, so `cache verify --replay` can prove replay."""
+    from precompute.views import view_digest
+
+    n, a = setup.spec.n, setup.spec.num_augs
+    picks = sorted({(0, 0), (n - 1, a - 1), (n // 2, min(1, a - 1))})[:count]
+    out = []
+    for i, j in picks:
+        params = setup.view_params(np.array([i], dtype=np.int64))[:, j]
+        view = setup.policy.apply(raw_batch(setup.dataset, np.array([i])), torch.from_numpy(params))
+        out.append({"sample": int(i), "aug": int(j), "sha256": view_digest(_as_tensor(view))})
+    return out
+
+
+def _as_tensor(view) -> torch.Tensor:
+    return view["input_ids"] if isinstance(view, dict) else view
+
+
+def _num_classes_arg(cfg: PrecomputeConfig, dataset) -> int | None:
+    """Explicit --num-classes wins; weights/pretrained say their own; else the dataset's."""
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    if cfg.weights or cfg.pretrained:
+        return None
+    return dataset.num_classes
+
+
+def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Setup:
+    """Validate options early (before anything is written) and resolve the spec."""
+    from precompute.datasets import load_dataset
+    from precompute.models import create_model
+    from precompute.views import get_policy
+
+    _check_options(cfg)
+    dataset = load_dataset(
+        cfg.dataset,
+        root=cfg.data_root,
+        split=cfg.split,
+        download=cfg.download,
+        max_samples=cfg.max_samples,
+    )
+    model, info = create_model(
+        cfg.teacher,
+        num_classes=_num_classes_arg(cfg, dataset),
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+    )
+    modality = info.get("modality", "image")
+    if modality != dataset.modality:
+        raise KdcacheError(
+            f"teacher {cfg.teacher!r} takes {modality} but dataset "
+            f"{cfg.dataset!r} is {dataset.modality}"
+        )
+    policy_kw = {}
+    if modality == "text":
+        if cfg.augment not in TEXT_POLICIES:
+            raise KdcacheError(
+                f"--augment {cfg.augment!r} is not a text policy; "
+                f"expected one of {', '.join(TEXT_POLICIES)}"
+            )
+        from precompute.models import load_tokenizer
+        from precompute.views import tokenize_texts
+
+        tok = load_tokenizer(info)
+        dataset.tokens = tokenize_texts(tok, dataset.texts, info["preprocessing"]["max_length"])
+        if cfg.augment == "token-mask":
+            policy_kw = {"tokenizer": tok, "p": cfg.mask_prob}
+    elif cfg.augment == "rrc-flip":
+        size = cfg.image_size or info["preprocessing"]["input_size"][-1]
+        policy_kw = {"size": int(size)}
+    policy = get_policy(cfg.augment, **policy_kw)
+    spec = CacheSpec(
+        teacher={
+            "name": cfg.teacher,
+            "source": info["source"],
+            "weights_sha256": info.get("weights_sha256"),
+            "num_classes": int(info["num_classes"]),
+            "preprocessing": info["preprocessing"],
+        },
+        dataset={
+            "name": cfg.dataset,
+            "split": cfg.split,
+            "n": len(dataset),
+            "fingerprint": dataset.fingerprint(),
+        },
+        views={
+            "policy": policy.name,
+            "params": policy.params,
+            "num_augs": cfg.num_augs,
+            "seed": cfg.seed,
+            "identity_view": cfg.identity_view,
+            "param_dim": policy.param_dim,
+        },
+        storage={
+            "dtype": cfg.dtype,
+            "chunk_samples": cfg.chunk_samples,
+            "compression": cfg.compression,
+            "topk": None,
+        },
+    )
+    return Setup(
+        dataset=dataset,
+        model=model,
+        info=info,
+        policy=policy,
+        spec=spec,
+        backend=_backend(cfg),
+        modality=modality,
+    )
+
+
+def _check_options(cfg: PrecomputeConfig) -> None:
+    for name in ("num_augs", "chunk_samples", "batch_size"):
+        v = getattr(cfg, name)
+        if v < 1:
+            raise KdcacheError(f"--{name.replace('_', '-')} {v} must be a positive integer")
+    if cfg.workers < 0:
+        raise KdcacheError(f"--workers {cfg.workers} must be >= 0")
+    if cfg.weights and cfg.pretrained:
+        raise KdcacheError("--weights and --pretrained exclude each other; give one")
+
+
+def _backend(cfg: PrecomputeConfig) -> str:
+    suffix = Path(cfg.out.rstrip("/")).suffix.lower()
+    if suffix in SUFFIXES:
+        fmt = SUFFIXES[suffix]
+        if cfg.format and cfg.format != fmt:
+            raise KdcacheError(
+                f"--out {cfg.out!r} has suffix {suffix} but --format is {cfg.format}"
+            )
+        return fmt
+    return cfg.format or "zarr"
+
+
+def slug(name: str) -> str:
+    """Filesystem-safe teacher name: `hf:/x/tiny-bert` -> `hf-tiny-bert`."""
+    prefix, _, rest = name.rpartition(":")
+    rest = rest.rstrip("/").split("/")[-1] if "/" in rest else rest
+    s = f"{prefix}-{rest}" if prefix else rest
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-") or "teacher"
+
+
+def resolve_out_path(cfg: PrecomputeConfig, setup: Setup) -> str:
+    """An exact cache path, or `<root>/<dataset>-<split>/<teacher>-<key12>.<ext>` by content."""
+    out = cfg.out.rstrip("/")
+    if Path(out).suffix.lower() in SUFFIXES:
+        path = out
+    else:
+        ext = ".zarr" if setup.backend == "zarr" else ".h5"
+        name = f"{slug(cfg.teacher)}-{setup.spec.key()[:12]}{ext}"
+        path = f"{out}/{cfg.dataset}-{cfg.split}/{name}"
+    if "://" not in path or path.startswith("file://"):
+        _check_writable(Path(path.removeprefix("file://")))
+    return path
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before computing anything when --out cannot be written."""
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".kdcache-probe-{platform.node()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise KdcacheError(f"--out {str(path)!r} is not writable ({e.strerror})") from None

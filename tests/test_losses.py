@@ -1,0 +1,296 @@
+"""Loss library: values against independent numpy formulas, gradients, registry, helpers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.losses import (
+    LOSSES,
+    combine_teachers,
+    get_loss,
+    loss_defaults,
+    loss_needs_cache,
+    loss_needs_teacher,
+    regularization_samples,
+    teacher_view_mean,
+)
+
+S = np.array([[1.0, 2.0, 0.5], [0.2, -1.0, 3.0], [-0.5, 0.3, 0.1]])
+TL = np.array([[2.0, 0.5, 1.0], [0.0, 0.3, 1.5], [1.2, -0.4, 0.9]])
+Y = np.array([0, 2, 1])
+
+
+def lsm(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def np_ce(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return -lsm(z)[np.arange(len(y)), y]
+
+
+def np_kl_rows(p: np.ndarray, logp_s: np.ndarray) -> np.ndarray:
+    return (p * (np.log(p) - logp_s)).sum(1)
+
+
+def designed(y: np.ndarray, k: int, c: float) -> np.ndarray:
+    q = np.full((len(y), k), (1 - c) / (k - 1))
+    q[np.arange(len(y)), y] = c
+    return q
+
+
+def run(name: str, s=S, t=TL, y=Y, **hp) -> dict[str, torch.Tensor]:
+    return run_leaf(name, s, t, y, **hp)[0]
+
+
+def run_leaf(name: str, s=S, t=TL, y=Y, **hp) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Float64 call of a loss; also returns the student leaf for gradients."""
+    st = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    tt = None if t is None else torch.tensor(t, dtype=torch.float64)
+    return get_loss(name, **hp)(st, tt, torch.tensor(y)), st
+
+
+def val(out: dict[str, torch.Tensor], key: str = "loss") -> float:
+    return float(out[key].detach())
+
+
+def test_ce_value():
+    assert val(run("ce", t=None)) == pytest.approx(np_ce(S, Y).mean(), rel=1e-12)
+
+
+def test_kd_value_and_terms():
+    T, alpha, w = 4.0, 0.9, 0.1
+    kd = T * T * np_kl_rows(np.exp(lsm(TL / T)), lsm(S / T)).mean()
+    out = run("kd")
+    assert val(out, "kd") == pytest.approx(kd, rel=1e-10)
+    assert val(out, "ce") == pytest.approx(np_ce(S, Y).mean(), rel=1e-12)
+    assert val(out) == pytest.approx(w * np_ce(S, Y).mean() + alpha * kd, rel=1e-10)
+
+
+def test_kd_identical_logits_is_zero_with_zero_gradient():
+    s = torch.tensor(S, requires_grad=True)
+    out = get_loss("kd", ce_weight=0.0)(s, s.detach().clone(), torch.tensor(Y))
+    out["loss"].backward()
+    assert abs(val(out)) < 1e-12
+    assert torch.allclose(s.grad, torch.zeros_like(s), atol=1e-12)
+
+
+def np_wsl_weight(s, t, y):
+    return 1 - np.exp(-np_ce(s, y) / (np_ce(t, y) + 1e-7))
+
+
+def test_wsl_value_and_terms():
+    T, alpha = 4.0, 2.25
+    w = np_wsl_weight(S, TL, Y)
+    h = -(np.exp(lsm(TL / T)) * lsm(S / T)).sum(1)
+    soft = T * T * (w * h).mean()
+    out = run("wsl")
+    assert val(out, "weight_mean") == pytest.approx(w.mean(), rel=1e-10)
+    assert val(out, "soft") == pytest.approx(soft, rel=1e-10)
+    assert val(out) == pytest.approx(np_ce(S, Y).mean() + alpha * soft, rel=1e-10)
+    assert set(out) == {"loss", "ce", "soft", "weight_mean"}
+
+
+def test_wsl_weight_carries_no_gradient():
+    T, alpha = 4.0, 2.25
+    s0, t, y = torch.tensor(S), torch.tensor(TL), torch.tensor(Y)
+    w0 = torch.tensor(np_wsl_weight(S, TL, Y))  # frozen at s0
+
+    def frozen_w(s: torch.Tensor) -> torch.Tensor:  # the loss with w treated as a constant
+        h = -(F.softmax(t / T, 1) * F.log_softmax(s / T, 1)).sum(1)
+        return F.cross_entropy(s, y) + alpha * T * T * (w0 * h).mean()
+
+    s = s0.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(frozen_w, (s,))  # the reference's own gradient is right
+    wsl = get_loss("wsl")
+    s.grad = None
+    out = wsl(s, t, y)
+    out["loss"].backward()
+    s_ref = s0.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(frozen_w(s_ref), s_ref)
+    assert val(out) == pytest.approx(float(frozen_w(s0)), rel=1e-12)
+    assert torch.allclose(s.grad, g_ref, rtol=1e-10, atol=1e-12)
+    # w does depend on s, so finite differences of the total disagree with the detached gradient
+    total = lambda z: wsl(z, t, y)["loss"]  # noqa: E731
+    assert not torch.autograd.gradcheck(
+        total, (s0.clone().requires_grad_(True),), raise_exception=False
+    )
+
+
+def test_lsr_value_matches_numpy_and_torch():
+    eps, k = 0.1, 3
+    target = (1 - eps) * np.eye(k)[Y] + eps / k
+    expected = -(target * lsm(S)).sum(1).mean()
+    out = run("lsr", t=None)
+    torch_ls = F.cross_entropy(torch.tensor(S), torch.tensor(Y), label_smoothing=eps)
+    assert val(out) == pytest.approx(expected, rel=1e-12)
+    assert val(out) == pytest.approx(float(torch_ls), rel=1e-12)
+
+
+def test_lsr_os_at_T1_is_label_smoothing_minus_constant():
+    # (1-a)CE + a KL(u||p) = (1-a)CE + a(CE(u,p) - log K) = LSR(eps=a) - a log K: same gradient
+    a, k = 0.3, S.shape[1]
+    os_ = run("lsr-os", t=None, T=1.0, alpha=a)
+    ls = run("lsr", t=None, eps=a)
+    assert val(os_) == pytest.approx(val(ls) - a * math.log(k), rel=1e-12)
+    s1 = torch.tensor(S, requires_grad=True)
+    s2 = torch.tensor(S, requires_grad=True)
+    get_loss("lsr-os", T=1.0, alpha=a)(s1, None, torch.tensor(Y))["loss"].backward()
+    get_loss("lsr", eps=a)(s2, None, torch.tensor(Y))["loss"].backward()
+    assert torch.allclose(s1.grad, s2.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_lsr_os_tc_value_and_c_range():
+    T, alpha, c, k = 4.0, 0.1, 0.5, 3
+    soft = T * T * np_kl_rows(designed(Y, k, c), lsm(S / T)).mean()
+    out = run("lsr-os-tc", t=None, c=c)
+    assert val(out, "soft") == pytest.approx(soft, rel=1e-10)
+    assert val(out) == pytest.approx((1 - alpha) * np_ce(S, Y).mean() + alpha * soft, rel=1e-10)
+    uniform = run("lsr-os", t=None)
+    soft_u = T * T * np_kl_rows(np.full((3, k), 1 / k), lsm(S / T)).mean()
+    assert val(uniform, "soft") == pytest.approx(soft_u, rel=1e-10)
+    with pytest.raises(ValueError, match=r"1/K"):
+        run("lsr-os-tc", t=None, c=1 / 3)  # default c=0.2 with K=3 is invalid too
+    with pytest.raises(ValueError, match="c="):
+        run("lsr-os-tc", t=None)
+
+
+def test_tfkd_reg_direct_formula():
+    T, alpha, mult, cp = 20.0, 0.1, 100.0, 0.99
+    n, k = S.shape
+    p_d = designed(Y, k, cp)
+    q = np.exp(p_d / T) / np.exp(p_d / T).sum(1, keepdims=True)
+    soft = mult * (q * (np.log(q) - lsm(S))).sum() / (n * k)
+    out = run("tfkd-reg", t=None)
+    assert val(out, "soft") == pytest.approx(soft, rel=1e-10)
+    assert val(out) == pytest.approx((1 - alpha) * np_ce(S, Y).mean() + alpha * soft, rel=1e-10)
+
+
+def test_tfkd_self_value():
+    T, alpha, mult = 6.0, 0.95, 50.0
+    n, k = S.shape
+    pt = np.exp(lsm(TL / T))
+    kd = T * T * mult * (pt * (np.log(pt) - lsm(S / T))).sum() / (n * k)
+    out = run("tfkd-self")
+    assert val(out, "kd") == pytest.approx(kd, rel=1e-10)
+    assert val(out) == pytest.approx((1 - alpha) * np_ce(S, Y).mean() + alpha * kd, rel=1e-10)
+
+
+def test_mrkd_is_kd_on_given_logits():
+    assert val(run("mrkd", M=3, interval=100, T=2.0)) == pytest.approx(val(run("kd", T=2.0)))
+    assert loss_defaults("mrkd") == {
+        "T": 4.0,
+        "alpha": 0.9,
+        "ce_weight": 0.1,
+        "M": 2,
+        "interval": None,
+    }
+    with pytest.raises(ValueError, match="M=0"):
+        get_loss("mrkd", M=0)
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match=r"unknown loss 'nope'.*kd.*wsl"):
+        get_loss("nope")
+    with pytest.raises(ValueError, match=r"'temp'.*accepted: T, alpha, ce_weight"):
+        get_loss("kd", temp=4)
+    for bad in ({"T": 0}, {"T": -1.0}, {"alpha": -0.1}, {"T": "4"}, {"T": True}, {"T": math.nan}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            get_loss("kd", **bad)
+    with pytest.raises(ValueError, match="needs teacher"):
+        get_loss("wsl")(torch.tensor(S), None, torch.tensor(Y))
+    with pytest.raises(ValueError, match="labels"):
+        get_loss("ce")(torch.tensor(S), None, torch.tensor(S[:, 0]))
+    flags = {n: (loss_needs_teacher(n), loss_needs_cache(n)) for n in LOSSES}
+    assert [n for n, f in flags.items() if f[0]] == ["kd", "wsl", "tfkd-self", "mrkd"]
+    assert [n for n, f in flags.items() if f[1]] == ["kd", "wsl", "tfkd-self"]
+    d = loss_defaults("kd")
+    d["T"] = 99
+    assert loss_defaults("kd")["T"] == 4.0
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_runs_finite_with_gradient(name):
+    out, s = run_leaf(name, **({"c": 0.5} if name == "lsr-os-tc" else {}))
+    loss = out["loss"]
+    assert loss.ndim == 0 and loss.dtype == torch.float64
+    assert torch.isfinite(loss) and loss.requires_grad
+    assert "ce" in out and all(not v.requires_grad for k, v in out.items() if k != "loss")
+    (g,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"wsl"}))
+def test_gradcheck_float64(name):
+    fn = get_loss(name, **({"c": 0.5} if name == "lsr-os-tc" else {}))
+    t, y = torch.tensor(TL), torch.tensor(Y)
+    s = torch.tensor(S, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: fn(z, t, y)["loss"], (s,))
+
+
+def test_half_teacher_and_autocast_compute_in_float32():
+    s, y = torch.tensor(S, dtype=torch.float32), torch.tensor(Y)
+    fn = get_loss("wsl")
+    ref = fn(s, torch.tensor(TL, dtype=torch.float32), y)["loss"]
+    t16 = torch.tensor(TL, dtype=torch.float16)  # TL is exact in fp16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(s.to(torch.bfloat16), t16, y)["loss"]
+    assert out.dtype == torch.float32
+    assert float(out) == pytest.approx(float(ref), rel=2e-2)
+    assert float(fn(s, t16, y)["loss"]) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_combine_teachers():
+    a, b = torch.tensor(S), torch.tensor(TL)
+    assert torch.allclose(combine_teachers([a, b]), (a + b) / 2)
+    mp = combine_teachers([a, b], mode="mean-probs")
+    assert torch.allclose(F.softmax(mp, 1), (F.softmax(a, 1) + F.softmax(b, 1)) / 2)
+    # at T=1 the result is the log of a distribution
+    assert torch.allclose(mp.exp().sum(1), torch.ones(3, dtype=torch.float64))
+    mp2 = combine_teachers([a, b], mode="mean-probs", T=2.0)
+    assert torch.allclose(F.softmax(mp2 / 2, 1), (F.softmax(a / 2, 1) + F.softmax(b / 2, 1)) / 2)
+    assert combine_teachers([a.half()]).dtype == torch.float32
+    with pytest.raises(ValueError, match="mode"):
+        combine_teachers([a], mode="max")
+    with pytest.raises(ValueError, match="shapes"):
+        combine_teachers([a, b[:2]])
+    with pytest.raises(ValueError, match="at least one"):
+        combine_teachers([])
+
+
+def test_teacher_view_mean():
+    z = torch.arange(12, dtype=torch.float16).reshape(2, 3, 2)
+    out = teacher_view_mean(z)
+    assert out.dtype == torch.float32
+    assert out.tolist() == [[2.0, 3.0], [8.0, 9.0]]
+    with pytest.raises(ValueError, match="B, A, C"):
+        teacher_view_mean(z[0])
+
+
+def test_regularization_samples_hand_case():
+    # K=2, T=1: b = 1 - p^t_y and a = p^s_y - 1, so |b| > |a| iff the student is surer than the
+    # teacher. Sample 0: p^s = sigmoid(2) = .881 > p^t = .5 -> yes; sample 1: .5 < .953 -> no.
+    s = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    t = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    y = torch.tensor([0, 0])
+    assert regularization_samples(s, t, y, T=1.0) == {"count": 1, "fraction": 0.5, "n": 2}
+    # T=4, where the T factor decides: sample 0 has p^s_y1 = .9 (a = -.1), p^s_yT = sqrt3/(1+sqrt3),
+    # p^t_yT = .75, so b = 4(.634 - .75) + .1 = -.364 -> yes; sample 1: a = -.5, p^s_yT = .5,
+    # p^t_yT = 2/3, b = 4(-1/6) + .5 = -1/6 -> no.
+    s = torch.tensor([[math.log(9.0), 0.0], [0.0, 0.0]])
+    t = torch.tensor([[4 * math.log(3.0), 0.0], [4 * math.log(2.0), 0.0]])
+    assert regularization_samples(s, t, y, T=4.0) == {"count": 1, "fraction": 0.5, "n": 2}
+    T = 4.0
+    ps1 = np.exp(lsm(S))[np.arange(3), Y]
+    psT, ptT = np.exp(lsm(S / T))[np.arange(3), Y], np.exp(lsm(TL / T))[np.arange(3), Y]
+    a, b = ps1 - 1, T * (psT - ptT) - (ps1 - 1)
+    count = int((np.abs(b) > np.abs(a)).sum())
+    got = regularization_samples(torch.tensor(S), torch.tensor(TL), torch.tensor(Y), T=T)
+    assert got == {"count": count, "fraction": count / 3, "n": 3}
+    with pytest.raises(ValueError, match="T="):
+        regularization_samples(s, t, y, T=0)
