@@ -2,9 +2,11 @@
 
 Batches of 128 (sample, aug) pairs, for zarr and HDF5, in RAM mode (Cache.load, then
 iter_epoch over InMemoryLogits), chunk-aware mode (iter_epoch over the Cache) and, for
-contrast, naive random row reads (Cache.read on random pairs). Not a test.
+contrast, naive random row reads (Cache.read on random pairs). Then sparse caches at C=1000
+(bytes per entry vs dense float16, read rates, KL of the rebuilt targets) and chunk-aware
+reads from S3 (a moto server on 127.0.0.1 in its own process). Not a test.
 
-    .venv/bin/python bench/cache_read.py [--quick]
+    .venv/bin/python bench/cache_read.py [--quick] [--only dense|sparse|s3]
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ BATCH = 128
 GOALS = {100: 100_000, 1000: 30_000}  # samples per CPU-second for the default (RAM) mode
 
 
-def build(path: str, n: int, a: int, c: int, chunk: int) -> None:
-    """Write a cache of random float16 logits."""
+def build(
+    path: str, n: int, a: int, c: int, chunk: int, scale: float = 1.0, peak: float = 0.0
+) -> None:
+    """Write a cache of random float16 logits (scale * N(0,1), + peak on one class/sample)."""
     spec = CacheSpec(
         teacher={"name": "bench", "num_classes": c},
         dataset={"name": "bench", "n": n},
@@ -40,7 +44,8 @@ def build(path: str, n: int, a: int, c: int, chunk: int) -> None:
     w = create_cache(path, spec, labels=np.zeros(n, np.int64), keys=[str(i) for i in range(n)])
     for k in w.todo_chunks():
         s, e = w.chunk_range(k)
-        logits = rng.standard_normal((e - s, a, c), dtype=np.float32)
+        logits = rng.standard_normal((e - s, a, c), dtype=np.float32) * scale
+        logits[np.arange(e - s), :, rng.integers(0, c, e - s)] += peak
         w.write_chunk(k, logits, np.zeros((e - s, a, 4), np.float32))
     w.finalize()
     w.close()
@@ -88,7 +93,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shrink N 10x for a smoke run")
     ap.add_argument("--chunk-samples", type=int, default=1024)
+    ap.add_argument("--only", choices=["dense", "sparse", "s3"], default=None)
     args = ap.parse_args()
+    from bench.cache_remote import remote_table, sparse_table
+
+    if args.only in (None, "dense"):
+        dense_table(args)
+    if args.only in (None, "sparse"):
+        sparse_table(args)
+    if args.only in (None, "s3"):
+        remote_table(args)
+
+
+def dense_table(args) -> None:
     configs = [(100, 50_000, 8), (1000, 20_000, 8)]
     if args.quick:
         configs = [(c, n // 10, a) for c, n, a in configs]

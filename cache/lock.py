@@ -1,4 +1,5 @@
-"""Writer lock: a JSON file next to the cache saying who writes it (user, host, pid, time).
+"""Writer lock: a JSON file (or object) next to the cache saying who writes it (user, host,
+pid, time). On S3 it is created with a conditional put, so two writers cannot both win.
 
 A second writer is refused with a message naming the owner. A lock whose process provably is
 gone (same host, pid not running: a killed run) is taken over with a warning, so rerunning the
@@ -17,24 +18,93 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from cache import remote
 from cache.errors import CacheLockedError, KdcacheError
 
 log = logging.getLogger(__name__)
 
 
 def lock_path(path: str) -> str:
-    """The lock file of a cache: a sibling, so it exists before the cache and for both backends."""
+    """The lock of a cache: a sibling file/object, so it exists before the cache, for both
+    backends and for URLs (`s3://b/x.zarr` -> `s3://b/x.zarr.lock`); an HDF5 member locks
+    its file."""
+    path = remote.local_path(os.fspath(path))
+    path = remote.split_hdf5(path)[0] or path
+    if remote.is_remote(path):
+        return path.rstrip("/") + ".lock"
     return os.path.abspath(path).rstrip("/") + ".lock"
 
 
-def read_lock(path: str) -> dict | None:
+class _LockFile:
+    """Read / create-exclusively / remove the lock file, locally or through fsspec."""
+
+    def __init__(self, path: str, storage_options: dict | None) -> None:
+        self.url = lock_path(path)
+        self.fs = None
+        if remote.is_remote(self.url):
+            remote.require_writable(self.url)
+            self.fs, self.p = remote.filesystem(self.url, storage_options)
+
+    def read(self) -> bytes | None:
+        try:
+            if self.fs is None:
+                with open(self.url, "rb") as f:
+                    return f.read()
+            with remote.errors(self.url):
+                self.fs.invalidate_cache(self.p)
+                return self.fs.cat_file(self.p)
+        except FileNotFoundError:
+            return None
+
+    def create(self, data: bytes) -> None:
+        """Publish the lock complete and exclusively; FileExistsError when taken."""
+        if self.fs is None:
+            parent = os.path.dirname(self.url)
+            if not os.path.isdir(parent):
+                raise KdcacheError(f"directory {parent} does not exist; cannot lock {self.url}")
+            tmp = f"{self.url}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                _link_exclusive(tmp, self.url, data)
+            finally:
+                os.unlink(tmp)
+            return
+        try:
+            self.fs.pipe_file(self.p, data, mode="create")  # S3 conditional put (If-None-Match)
+        except (TypeError, NotImplementedError):  # stores without exclusive create
+            if self.read() is not None:
+                raise FileExistsError(self.url) from None
+            with remote.errors(self.url):
+                self.fs.pipe_file(self.p, data)
+        except FileExistsError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise remote.friendly(e, self.url) from None
+
+    def remove(self) -> bool:
+        try:
+            if self.fs is None:
+                os.unlink(self.url)
+            else:
+                with remote.errors(self.url):
+                    if not self.fs.exists(self.p):
+                        return False
+                    self.fs.rm_file(self.p)
+                    self.fs.invalidate_cache(self.p)
+            return True
+        except FileNotFoundError:
+            return False
+
+
+def read_lock(path: str, storage_options: dict | None = None) -> dict | None:
     """The lock record of a cache, or None when unlocked."""
-    try:
-        with open(lock_path(path), encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
+    raw = _LockFile(path, storage_options).read()
+    if raw is None:
         return None
-    except (OSError, ValueError):
+    try:
+        return json.loads(raw)
+    except ValueError:
         return {"user": "?", "host": "?", "pid": -1, "time": "?", "unreadable": True}
 
 
@@ -80,33 +150,39 @@ def _refusal(path: str, record: dict) -> CacheLockedError:
 class WriterLock:
     """An acquired lock; release() removes the file only if it is still ours."""
 
-    def __init__(self, path: str, record: dict) -> None:
+    def __init__(self, path: str, record: dict, storage_options: dict | None = None) -> None:
         self.path = path
         self.record = record
+        self.storage_options = storage_options
         self.held = True
 
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
-        current = read_lock(self.path)
+        current = read_lock(self.path, self.storage_options)
         if current is not None and current.get("token") == self.record["token"]:
-            try:
-                os.unlink(lock_path(self.path))
-            except FileNotFoundError:
-                pass
+            _LockFile(self.path, self.storage_options).remove()
         else:
             log.warning("lock of %s was broken or replaced by someone else; left alone", self.path)
 
 
-def acquire(path: str, *, break_lock: bool = False, command: str | None = None) -> WriterLock:
-    """Take the writer lock of `path` atomically (temp file + link); CacheLockedError if held."""
-    lp = lock_path(path)
-    parent = os.path.dirname(lp)
-    if not os.path.isdir(parent):
-        raise KdcacheError(f"directory {parent} does not exist; cannot create cache {path}")
+def acquire(
+    path: str,
+    *,
+    break_lock: bool = False,
+    command: str | None = None,
+    storage_options: dict | None = None,
+) -> WriterLock:
+    """Take the writer lock of `path` atomically (link locally, conditional put on S3);
+    CacheLockedError naming the owner if held."""
+    lf = _LockFile(path, storage_options)
+    if lf.fs is None and not os.path.isdir(os.path.dirname(lf.url)):
+        raise KdcacheError(
+            f"directory {os.path.dirname(lf.url)} does not exist; cannot create cache {path}"
+        )
     record = {
-        "user": getpass.getuser(),
+        "user": _user(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -114,36 +190,35 @@ def acquire(path: str, *, break_lock: bool = False, command: str | None = None) 
         "token": uuid.uuid4().hex,
         "command": command,
     }
-    tmp = f"{lp}.{record['token']}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f)
+    data = json.dumps(record).encode("utf-8")
+    for _attempt in range(2):
+        try:
+            lf.create(data)
+            return WriterLock(path, record, storage_options)
+        except FileExistsError:
+            existing = read_lock(path, storage_options) or {}
+            stale = is_stale(existing)
+            if not (break_lock or stale):
+                raise _refusal(path, existing) from None
+            log.warning(
+                "%s lock of %s held by %s",
+                "taking over the stale" if stale else "breaking the",
+                path,
+                existing,
+            )
+            break_lock = False
+            lf.remove()
+    raise _refusal(path, read_lock(path, storage_options) or {})
+
+
+def _user() -> str:
     try:
-        for _attempt in range(2):
-            try:
-                _link_exclusive(tmp, lp, record)
-                return WriterLock(path, record)
-            except FileExistsError:
-                existing = read_lock(path) or {}
-                stale = is_stale(existing)
-                if not (break_lock or stale):
-                    raise _refusal(path, existing) from None
-                log.warning(
-                    "%s lock of %s held by %s",
-                    "taking over the stale" if stale else "breaking the",
-                    path,
-                    existing,
-                )
-                break_lock = False
-                try:
-                    os.unlink(lp)
-                except FileNotFoundError:
-                    pass
-        raise _refusal(path, read_lock(path) or {})
-    finally:
-        os.unlink(tmp)
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"
 
 
-def _link_exclusive(tmp: str, lp: str, record: dict) -> None:
+def _link_exclusive(tmp: str, lp: str, data: bytes) -> None:
     """Publish the lock file complete and exclusively (link); O_EXCL where links are missing."""
     try:
         os.link(tmp, lp)
@@ -151,15 +226,13 @@ def _link_exclusive(tmp: str, lp: str, record: dict) -> None:
         raise
     except OSError:
         fd = os.open(lp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
-def break_lock(path: str) -> dict | None:
+def break_lock(path: str, storage_options: dict | None = None) -> dict | None:
     """Remove the lock of `path`; returns the record that was removed (None if unlocked)."""
-    record = read_lock(path)
-    try:
-        os.unlink(lock_path(path))
-    except FileNotFoundError:
+    record = read_lock(path, storage_options)
+    if not _LockFile(path, storage_options).remove():
         return None
     return record

@@ -1,27 +1,35 @@
-"""Reading a cache fast: the Cache class, whole-cache RAM loads and chunk-aware epochs.
+"""Reading a cache: the Cache class and whole-cache RAM loads.
 
-Random single-row reads from chunked storage are ~100x too slow for training, so training
-either loads the cache into RAM (stored dtype, converted per batch) or iterates an epoch chunk
-by chunk (shuffle chunk order, shuffle rows within a buffer of chunks).
+Every read returns float32 logits of width C whatever the storage (dense in any dtype, top-k,
+sampled; see sparse.py), so losses and loaders never care how a cache was stored. Chunks
+are checked against their sha256 when loaded for training, so a truncated or corrupt chunk
+(a bad copy) is a clear error instead of silently wrong targets.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import logging
-import os
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from cache.backends import Backend, decode
-from cache.errors import KdcacheError
+from cache.backends import Backend
+from cache.dtypes import decode
+from cache.epoch import (  # noqa: F401 - re-exported: the reader API
+    Batch,
+    choose_augs,
+    default_memory_budget,
+    iter_epoch,
+    training_source,
+)
+from cache.errors import CacheCorruptError, KdcacheError
+from cache.sparse import Codec, get_codec
 from cache.spec import FORMAT_VERSION, CacheSpec
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+MULTI = "multi-teacher"
 
 
 def _first(idx: Any, k: int = 5) -> str:
@@ -29,8 +37,16 @@ def _first(idx: Any, k: int = 5) -> str:
     return f"{idx[:k]}" + (f" (+{len(idx) - k} more)" if len(idx) > k else "")
 
 
+def chunk_digest(*arrays: np.ndarray) -> bytes:
+    """sha256 of a chunk's stored arrays (targets then view_params), little-endian, C order."""
+    h = hashlib.sha256()
+    for arr in arrays:
+        h.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+    return h.digest()
+
+
 class Cache:
-    """A cache opened for reading; every read returns float32 whatever the stored dtype."""
+    """A cache opened for reading; every read returns float32 whatever the storage."""
 
     def __init__(self, backend: Backend) -> None:
         self._b = backend
@@ -38,6 +54,11 @@ class Cache:
         self.backend_name = backend.name
         try:
             meta = backend.get_meta()
+            if meta.get("kind") == MULTI:
+                raise KdcacheError(
+                    f"{self.path} is a multi-teacher store (members {meta.get('members')}); "
+                    f"open a member as {self.path}/<member>"
+                )
             if not isinstance(meta.get("spec"), dict):
                 raise KdcacheError(f"{self.path} has kdcache attrs without a spec; not a cache")
             if meta.get("format_version") != FORMAT_VERSION:
@@ -54,7 +75,10 @@ class Cache:
         self.n, self.num_augs = self.spec.n, self.spec.num_augs
         self.num_classes, self.n_chunks = self.spec.num_classes, self.spec.n_chunks
         self.chunk_samples, self.dtype = self.spec.chunk_samples, self.spec.dtype
+        self.codec: Codec = get_codec(self.spec)
+        self.storage_kind = self.codec.kind
         self._done_cache: np.ndarray | None = None
+        self._verified: set[int] = set()  # chunks checked once in this process
 
     def __enter__(self) -> Cache:
         return self
@@ -85,12 +109,13 @@ class Cache:
         return np.asarray(self._b.read_rows("view_params", uniq), dtype=np.float32)[inv]
 
     def done(self) -> np.ndarray:
+        """Done flags; a finalized cache is all done (no need to read n_chunks objects)."""
         if self._done_cache is not None:
             return self._done_cache
-        done = np.asarray(self._b.read("done")).astype(bool)
         if self.attrs.get("complete"):
-            self._done_cache = done  # a finalized cache no longer changes
-        return done
+            self._done_cache = np.ones(self.n_chunks, dtype=bool)
+            return self._done_cache
+        return np.asarray(self._b.read("done")).astype(bool)
 
     def is_complete(self) -> bool:
         return bool(self.attrs.get("complete"))
@@ -115,15 +140,62 @@ class Cache:
         start = int(c) * self.chunk_samples
         return start, min(start + self.chunk_samples, self.n)
 
-    def read_chunk_raw(self, c: int) -> np.ndarray:
-        """A chunk's logits in the stored dtype (uint16 bits for bfloat16)."""
+    def checksum(self, c: int) -> bytes:
+        """The recorded sha256 of chunk c (from attrs once finalized)."""
+        listed = self.attrs.get("checksums") if self.is_complete() else None
+        if listed and len(listed) == self.n_chunks:
+            return bytes.fromhex(listed[c])
+        return bytes(np.asarray(self._b.read("checksums", c, c + 1), dtype=np.uint8)[0])
+
+    def read_chunk_stored(self, c: int, verify: bool = False) -> dict[str, np.ndarray]:
+        """A chunk's stored target arrays (name -> array); verify=True checks the checksum the
+        first time a chunk is read by this Cache (later epochs skip the sha256)."""
+        if verify and int(c) not in self._verified:
+            return self.read_chunk_verified(c)[0]
+        return self._read_names(c, self.codec.names)
+
+    def read_chunk_verified(self, c: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(stored target arrays, view_params) of chunk c; CacheCorruptError unless they match
+        the recorded checksum (what copies, merges and training loads rely on)."""
+        arrays = self._read_names(c, self.codec.names + ("view_params",))
+        vp = arrays.pop("view_params").astype(np.float32, copy=False)
+        if chunk_digest(*arrays.values(), vp) != self.checksum(c):
+            start, stop = self.chunk_range(c)
+            raise CacheCorruptError(
+                f"chunk {c} (samples {start}..{stop - 1}) of {self.path} fails its checksum "
+                "(corrupt or truncated copy); pull/copy the cache again"
+            )
+        if self.is_complete():
+            self._verified.add(int(c))
+        return arrays, vp
+
+    def _read_names(self, c: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         start, stop = self.chunk_range(c)
         if not self.is_complete() and not self._chunk_done(c):
             raise KdcacheError(f"chunk {c} of {self.path} is not written yet")
-        return np.asarray(self._b.read("logits", start, stop))
+        try:
+            return {k: np.asarray(self._b.read(k, start, stop)) for k in names}
+        except KdcacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - codecs raise many types on truncated data
+            why = (str(e).splitlines() or [""])[0].split(". ")[0][:80]
+            raise CacheCorruptError(
+                f"chunk {c} of {self.path} is unreadable, truncated or corrupt "
+                f"({type(e).__name__}: {why}); pull/copy the cache again"
+            ) from None
+
+    def read_chunk_raw(self, c: int) -> np.ndarray:
+        """A dense chunk's logits in the stored dtype (uint16 bits for bfloat16)."""
+        if self.storage_kind != "dense":
+            raise KdcacheError(f"{self.path} is a {self.storage_kind} cache; use read_chunk")
+        return self.read_chunk_stored(c)["logits"]
 
     def read_chunk(self, c: int) -> np.ndarray:
-        return decode(self.read_chunk_raw(c), self.dtype)
+        """A chunk's logits (n, A, C) float32 (rebuilt full width for sparse caches)."""
+        return self.codec.decode(self.read_chunk_stored(c))
+
+    def decode_rows(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        return self.codec.decode(rows)
 
     def _check_samples(self, samples: Any) -> np.ndarray:
         s = np.asarray(samples, dtype=np.int64).reshape(-1)
@@ -144,15 +216,24 @@ class Cache:
             undone = ~self.done()[uniq // self.chunk_samples]
             if undone.any():
                 raise KdcacheError(f"samples {_first(uniq[undone])} are in chunks not written yet")
-        raw = np.asarray(self._b.read_rows("logits", uniq))
-        return decode(raw[inv, a], self.dtype)
+        rows = {k: np.asarray(self._b.read_rows(k, uniq))[inv, a] for k in self.codec.names}
+        return self.codec.decode(rows)
+
+    def entry_bytes(self) -> int:
+        """Stored bytes per (sample, aug) entry, uncompressed."""
+        return self.codec.entry_bytes()
 
     def nbytes(self) -> int:
-        """Bytes of the logits in RAM in the stored dtype."""
-        return self.n * self.num_augs * self.num_classes * (4 if self.dtype == "float32" else 2)
+        """Bytes of the stored targets in RAM (what load() needs)."""
+        return self.n * self.num_augs * self.entry_bytes()
 
-    def load(self, memory_budget: int | None = None) -> InMemoryLogits:
-        """Whole cache in RAM (stored dtype), read chunk by chunk; KdcacheError over budget."""
+    def dense_nbytes(self) -> int:
+        """Bytes of all logits as float32 (what a full-width decode needs)."""
+        return self.n * self.num_augs * self.num_classes * 4
+
+    def load(self, memory_budget: int | None = None, verify: bool = True) -> InMemoryLogits:
+        """Whole cache in RAM (stored form), read and checksum-verified chunk by chunk;
+        KdcacheError over budget."""
         self.require_complete()
         need = self.nbytes()
         if memory_budget is not None and need > memory_budget:
@@ -160,31 +241,58 @@ class Cache:
                 f"cache {self.path} needs {need} bytes of RAM, over the memory budget of "
                 f"{memory_budget}; use the chunk-aware reader (iter_epoch) instead"
             )
-        first = self.read_chunk_raw(0)
-        raw = np.empty((self.n,) + first.shape[1:], dtype=first.dtype)
-        raw[: len(first)] = first
-        for c in range(1, self.n_chunks):
+        arrays: dict[str, np.ndarray] = {}
+        for c in range(self.n_chunks):
             start, stop = self.chunk_range(c)
-            raw[start:stop] = self.read_chunk_raw(c)
-        return InMemoryLogits(raw, self.dtype, chunk_samples=self.chunk_samples)
+            for k, v in self.read_chunk_stored(c, verify=verify).items():
+                if k not in arrays:
+                    arrays[k] = np.empty((self.n,) + v.shape[1:], dtype=v.dtype)
+                arrays[k][start:stop] = v
+        return InMemoryLogits(
+            arrays, self.dtype, chunk_samples=self.chunk_samples, codec=self.codec
+        )
 
     def close(self) -> None:
         self._b.close()
 
 
 class InMemoryLogits:
-    """All logits in RAM in the stored dtype; rows are converted to float32 only when read."""
+    """All stored targets in RAM; rows are decoded to float32 (B, C) only when read."""
 
-    def __init__(self, raw: np.ndarray, dtype: str, chunk_samples: int | None = None) -> None:
-        if raw.ndim != 3:
-            raise KdcacheError(f"in-memory logits have shape {raw.shape}; expected (N, A, C)")
-        self.raw, self.dtype = raw, dtype
-        self.n, self.num_augs, self.num_classes = raw.shape
+    in_memory = True
+
+    def __init__(
+        self, raw: Any, dtype: str, chunk_samples: int | None = None, codec: Codec | None = None
+    ) -> None:
+        self.arrays: dict[str, np.ndarray] = raw if isinstance(raw, dict) else {"logits": raw}
+        self.dtype, self.codec = dtype, codec
+        if codec is None or codec.kind == "dense":
+            logits = self.arrays["logits"]
+            if logits.ndim != 3:
+                raise KdcacheError(
+                    f"in-memory logits have shape {logits.shape}; expected (N, A, C)"
+                )
+            self.num_classes = logits.shape[2]
+        else:
+            self.num_classes = codec.c
+        self.n, self.num_augs = next(iter(self.arrays.values())).shape[:2]
         self.chunk_samples = chunk_samples or self.n
 
     @property
+    def raw(self) -> np.ndarray:
+        """Dense logits in the stored dtype."""
+        if "logits" not in self.arrays:
+            raise KdcacheError("a sparse cache has no raw logits; use read() or full()")
+        return self.arrays["logits"]
+
+    @property
     def nbytes(self) -> int:
-        return int(self.raw.nbytes)
+        return int(sum(v.nbytes for v in self.arrays.values()))
+
+    def decode_rows(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        if self.codec is None:
+            return decode(rows["logits"], self.dtype)
+        return self.codec.decode(rows)
 
     def read(self, samples: Any, augs: Any) -> np.ndarray:
         """logits[samples[j], augs[j]] as (B, C) float32."""
@@ -194,158 +302,14 @@ class InMemoryLogits:
             raise KdcacheError(
                 f"(sample, aug) out of range: samples 0..{self.n - 1}, augs 0..{self.num_augs - 1}"
             )
-        return decode(self.raw[s, a], self.dtype)
+        return self.decode_rows({k: v[s, a] for k, v in self.arrays.items()})
 
-
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer (vectorized, wraps mod 2**64)."""
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def choose_augs(seed: int, epoch: int, samples: Any, num_augs: int) -> np.ndarray:
-    """The aug of each sample this epoch: a hash of (seed, epoch, sample) only, so any batching,
-    rank split or reader (RAM or chunk-aware) picks the same views."""
-    if num_augs < 1:
-        raise KdcacheError(f"num_augs is {num_augs}; expected >= 1")
-    s = np.asarray(samples, dtype=np.int64).reshape(-1).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        base = _mix(_mix(np.array([seed % 2**64], dtype=np.uint64)) ^ np.uint64(epoch % 2**64))
-        h = _mix(base ^ _mix(s + np.uint64(0x9E3779B97F4A7C15)))
-    return (h % np.uint64(num_augs)).astype(np.int64)
-
-
-def _pairs(samples: np.ndarray, aug_mode: Any, num_augs: int, seed: int, epoch: int):
-    """The (sample, aug) pairs of an epoch for these samples."""
-    if aug_mode == "random":
-        return samples, choose_augs(seed, epoch, samples, num_augs)
-    if aug_mode == "all":
-        return np.repeat(samples, num_augs), np.tile(np.arange(num_augs), len(samples))
-    if isinstance(aug_mode, (int, np.integer)) and not isinstance(aug_mode, bool):
-        if not 0 <= aug_mode < num_augs:
-            raise KdcacheError(f"aug_mode {aug_mode} out of range 0..{num_augs - 1}")
-        return samples, np.full(len(samples), int(aug_mode), dtype=np.int64)
-    raise KdcacheError(f"unknown aug_mode {aug_mode!r}; expected 'random', 'all' or an aug index")
-
-
-def iter_epoch(
-    source: Cache | InMemoryLogits,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    aug_mode: str | int = "random",
-    buffer_chunks: int = 4,
-    rank: int = 0,
-    world_size: int = 1,
-    drop_last: bool = False,
-) -> Iterator[Batch]:
-    """Yield (samples int64[B], augs int64[B], logits float32[B, C]) covering every chosen
-    (sample, aug) once per epoch; ranks get disjoint parts (chunks, or pairs in RAM).
-
-    drop_last=True yields only full batches, the same number on every rank (what DDP needs);
-    the few pairs left over are skipped that epoch.
-    """
-    if batch_size < 1 or buffer_chunks < 1:
-        raise KdcacheError(
-            f"batch_size and buffer_chunks must be >= 1; got {batch_size}, {buffer_chunks}"
-        )
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise KdcacheError(f"rank {rank} out of range for world_size {world_size}")
-
-    def pick(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _pairs(samples, aug_mode, source.num_augs, seed, epoch)
-
-    pick(np.empty(0, np.int64))  # validate aug_mode before any reading
-    per_sample = source.num_augs if aug_mode == "all" else 1
-    key = [seed % 2**63, epoch % 2**63]
-    if isinstance(source, InMemoryLogits):
-        gen = _ram_epoch(source, batch_size, key, pick, rank, world_size)
-        fewest = source.n * per_sample // world_size
-    else:
-        source.require_complete()
-        order = np.random.default_rng(key + [0]).permutation(source.n_chunks)
-        cs = source.chunk_samples
-        sizes = np.array([min(cs, source.n - int(c) * cs) for c in order])
-        fewest = min(int(sizes[r::world_size].sum()) for r in range(world_size)) * per_sample
-        rng = np.random.default_rng(key + [1, rank])
-        gen = _chunk_epoch(source, order[rank::world_size], batch_size, buffer_chunks, rng, pick)
-    yield from itertools.islice(gen, fewest // batch_size if drop_last else None)
-
-
-Pick = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def _ram_epoch(
-    src: InMemoryLogits, bs: int, key: list, pick: Pick, rank: int, world: int
-) -> Iterator[Batch]:
-    """Global shuffle of all the epoch's pairs; rank r takes every world-th pair."""
-    s, a = pick(np.arange(src.n, dtype=np.int64))
-    perm = np.random.default_rng(key + [0]).permutation(len(s))[rank::world]
-    s, a = s[perm], a[perm]
-    for i in range(0, len(s), bs):
-        yield s[i : i + bs], a[i : i + bs], src.read(s[i : i + bs], a[i : i + bs])
-
-
-def _chunk_epoch(
-    src: Cache, chunks: np.ndarray, bs: int, buffer_chunks: int, rng: np.random.Generator,
-    pick: Pick,
-) -> Iterator[Batch]:  # fmt: skip
-    """Read `buffer_chunks` chunks, shuffle their rows, yield full batches, carry the rest."""
-    left_s = left_a = np.empty(0, np.int64)
-    left_r: np.ndarray | None = None
-    for i in range(0, len(chunks), buffer_chunks):
-        parts_s, parts_a, parts_r = [], [], []
-        for c in chunks[i : i + buffer_chunks]:
-            start, stop = src.chunk_range(int(c))
-            raw = src.read_chunk_raw(int(c))
-            s, a = pick(np.arange(start, stop, dtype=np.int64))
-            parts_s.append(s)
-            parts_a.append(a)
-            parts_r.append(raw[s - start, a])
-        perm = rng.permutation(sum(len(p) for p in parts_s))
-        s = np.concatenate([left_s, np.concatenate(parts_s)[perm]])
-        a = np.concatenate([left_a, np.concatenate(parts_a)[perm]])
-        rows = np.concatenate(parts_r)[perm]
-        if left_r is not None:
-            rows = np.concatenate([left_r, rows])
-        full = len(s) - len(s) % bs
-        for j in range(0, full, bs):
-            yield s[j : j + bs], a[j : j + bs], decode(rows[j : j + bs], src.dtype)
-        left_s, left_a, left_r = s[full:], a[full:], rows[full:]
-    if len(left_s):
-        yield left_s, left_a, decode(left_r, src.dtype)
-
-
-def default_memory_budget(fraction: float = 0.5) -> int:
-    """A fraction of the RAM available now (MemAvailable), the default budget for load()."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(int(line.split()[1]) * 1024 * fraction)
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def training_source(cache: Cache, memory_budget: int | None = None) -> Cache | InMemoryLogits:
-    """The default read mode: the whole cache in RAM when it fits the budget, else the cache
-    itself for chunk-aware iter_epoch."""
-    budget = default_memory_budget() if memory_budget is None else memory_budget
-    if cache.nbytes() <= budget:
-        return cache.load(budget)
-    log.info(
-        "cache %s (%d bytes) exceeds RAM budget %d: reading chunk-aware",
-        cache.path,
-        cache.nbytes(),
-        budget,
-    )
-    cache.require_complete()
-    return cache
+    def full(self) -> np.ndarray:
+        """Every logit as float32 (N, A, C), decoded in slices to bound temporary memory."""
+        out = np.empty((self.n, self.num_augs, self.num_classes), dtype=np.float32)
+        step = max(1, (1 << 24) // max(1, self.num_augs * self.num_classes))
+        for i in range(0, self.n, step):
+            out[i : i + step] = self.decode_rows(
+                {k: v[i : i + step] for k, v in self.arrays.items()}
+            )
+        return out

@@ -1,8 +1,9 @@
 """The cache spec: an explicit, canonical JSON document whose hash is the cache key.
 
 The key covers everything that changes the stored numbers (teacher, dataset, views, stored
-dtype, top-k, format version) and nothing that does not (chunking, compression, batch size,
-workers, device, paths, provenance), so equal keys mean interchangeable caches.
+dtype, top-k / sampled sparsity, format version) and nothing that does not (chunking,
+compression, batch size, workers, device, paths, provenance), so equal keys mean
+interchangeable caches.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cache.errors import KdcacheError
+from cache.sparse import check_storage
 
 FORMAT_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32")
@@ -90,6 +92,8 @@ class CacheSpec:
             "topk": None,
             **self.storage,
         }
+        if storage.get("sampled") is None:  # only sampled caches carry it: dense keys unchanged
+            storage.pop("sampled", None)
         object.__setattr__(self, "storage", storage)
         if self.format_version != FORMAT_VERSION:
             raise KdcacheError(
@@ -101,13 +105,15 @@ class CacheSpec:
             raise KdcacheError(
                 f"storage compression {storage['compression']!r}; expected one of {COMPRESSIONS}"
             )
-        if storage["topk"] is not None:
-            _positive_int(storage["topk"], "storage.topk")
+        for sparse in ("topk", "sampled"):
+            if storage.get(sparse) is not None:
+                _positive_int(storage[sparse], f"storage.{sparse}")
         _positive_int(storage["chunk_samples"], "storage.chunk_samples")
         _positive_int(self.dataset.get("n"), "dataset.n")
         _positive_int(self.teacher.get("num_classes"), "teacher.num_classes")
         _positive_int(self.views.get("num_augs"), "views.num_augs")
         _positive_int(self.views.get("param_dim", 0), "views.param_dim", minimum=0)
+        check_storage(storage, self.num_classes)
 
     def __hash__(self) -> int:
         return hash(self.to_json())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import uuid
@@ -13,29 +12,29 @@ from typing import Any
 import numpy as np
 
 from cache import lock as lockmod
+from cache import remote
 from cache.backends import (
     Backend,
+    ZarrBackend,
     backend_class,
     decode,
-    encode,
+    exists,
     infer_backend,
     is_remote,
     local_path,
     open_backend,
 )
-from cache.errors import CacheCorruptError, KdcacheError
-from cache.reader import Cache, _first
-from cache.spec import FORMAT_VERSION, CacheSpec, dataset_fingerprint, describe_diff
+from cache.errors import KdcacheError
+from cache.meta import make_provenance, new_meta, read_meta
+from cache.reader import MULTI, Cache, _first, chunk_digest
+from cache.spec import CacheSpec, dataset_fingerprint, describe_diff
+
+__all__ = [
+    "chunk_digest", "create_cache", "make_provenance", "merge_shards", "new_meta", "open_cache",
+    "open_members", "read_meta",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-
-def chunk_digest(logits_raw: np.ndarray, view_params: np.ndarray) -> bytes:
-    """sha256 of a chunk's stored logits bytes then view_params bytes (little-endian, C order)."""
-    h = hashlib.sha256()
-    for arr in (logits_raw, view_params):
-        h.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
-    return h.digest()
 
 
 class CacheWriter(Cache):
@@ -51,8 +50,11 @@ class CacheWriter(Cache):
         done = self.done()
         return [c for c in range(self.n_chunks) if not done[c] and c % world_size == rank]
 
-    def write_chunk(self, c: int, logits: np.ndarray, view_params: np.ndarray) -> None:
-        """Validate everything, then write arrays, then the checksum, then the done flag."""
+    def write_chunk(
+        self, c: int, logits: np.ndarray, view_params: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Validate everything, convert dense logits to the storage form (dtype, top-k,
+        sampled), then write arrays, checksum, done flag; returns the stored arrays."""
         start, stop = self.chunk_range(c)
         n_c = stop - start
         logits = np.asarray(logits)
@@ -74,33 +76,53 @@ class CacheWriter(Cache):
                 raise KdcacheError(
                     f"NaN/Inf in {name} of chunk {c} at samples {where}; nothing written"
                 )
-        raw = encode(logits, self.dtype)
-        bad = ~np.isfinite(decode(raw, self.dtype).reshape(n_c, -1)).all(axis=1)
-        if bad.any():
-            raise KdcacheError(
-                f"logits of chunk {c} overflow {self.dtype} at samples "
-                f"{_first(np.flatnonzero(bad) + start)}; use storage dtype float32 or bfloat16"
-            )
+        arrays = self.codec.encode(np.asarray(logits, dtype=np.float32), start)
+        for name in self.codec.value_names():
+            vals = decode(arrays[name], self.dtype).reshape(n_c, -1)
+            bad = ~np.isfinite(vals).all(axis=1)
+            if bad.any():
+                raise KdcacheError(
+                    f"logits of chunk {c} overflow {self.dtype} at samples "
+                    f"{_first(np.flatnonzero(bad) + start)}; use storage dtype float32 or bfloat16"
+                )
         vp = np.ascontiguousarray(view_params, dtype=np.float32)
-        self.write_chunk_raw(c, raw, vp, chunk_digest(raw, vp))
+        digest = chunk_digest(*(arrays[k] for k in self.codec.names), vp)
+        self.write_chunk_stored(c, arrays, vp, digest)
+        return arrays
 
     def write_chunk_raw(self, c: int, raw: np.ndarray, vp: np.ndarray, digest: bytes) -> None:
-        """Write validated stored-dtype arrays in the crash-safe order (used by merge too)."""
+        """Dense form of write_chunk_stored (the stored-dtype logits of chunk c)."""
+        self.write_chunk_stored(c, {"logits": raw}, vp, digest)
+
+    def write_chunk_stored(
+        self, c: int, arrays: dict[str, np.ndarray], vp: np.ndarray, digest: bytes
+    ) -> None:
+        """Write validated stored arrays in the crash-safe order: arrays, checksum, done flag
+        (used by write_chunk, merge, copy and convert)."""
         if self.attrs.get("complete"):
             raise KdcacheError(f"cache {self.path} is finalized; refusing to write chunk {c}")
+        if set(arrays) != set(self.codec.names):
+            raise KdcacheError(
+                f"chunk {c} has arrays {sorted(arrays)}; cache {self.path} stores "
+                f"{sorted(self.codec.names)}"
+            )
         start, _stop = self.chunk_range(c)
         if self._chunk_done(c):  # rewriting: clear the flag first so a crash cannot leave it
             self._b.write("done", c, np.zeros(1, np.uint8))
             self._b.flush()
-        self._b.write("logits", start, raw)
+            for name in self.codec.names + ("view_params",):
+                self._b.discard(name, start)
+        for name in self.codec.names:
+            self._b.write(name, start, arrays[name])
         self._b.write("view_params", start, vp)
         self._b.write("checksums", c, np.frombuffer(digest, np.uint8)[None, :])
         self._b.flush()
         self._b.write("done", c, np.ones(1, np.uint8))
         self._b.flush()
 
-    def finalize(self) -> None:
-        """Once all chunks are done: checksums + complete into attrs, then release the lock."""
+    def finalize(self, extra: dict | None = None) -> None:
+        """Once all chunks are done: checksums + complete into attrs (written last), then
+        release the lock. `extra` adds attrs (e.g. a conversion's KL report)."""
         meta = self.refresh()
         if not meta.get("complete"):
             miss = self.missing_chunks()
@@ -111,6 +133,7 @@ class CacheWriter(Cache):
                 )
             sums = np.asarray(self._b.read("checksums"), dtype=np.uint8)
             meta["checksums"] = [bytes(row).hex() for row in sums]
+            meta.update(extra or {})
             meta["complete"] = True
             meta["finalized_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self._b.set_meta(meta)
@@ -126,26 +149,6 @@ class CacheWriter(Cache):
             self.lock.release()
 
 
-def make_provenance(extra: dict | None = None) -> dict:
-    """Versions and time of creation; stored in attrs, never hashed into the key."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(pkg: str, default: str = "unknown") -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return default
-
-    out = {
-        "kdcache": ver("kdcache", "0.1.0"),
-        "numpy": np.__version__,
-        "zarr": ver("zarr"),
-        "h5py": ver("h5py"),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return {**out, **(extra or {})}
-
-
 def open_cache(
     path: str,
     mode: str = "r",
@@ -153,19 +156,40 @@ def open_cache(
     *,
     break_lock: bool = False,
 ) -> Cache:
-    """Open an existing cache: mode "r" read-only, "a" writer holding the lock."""
+    """Open an existing cache: mode "r" read-only (never writes, also for URLs), "a" writer
+    holding the lock."""
     path = os.fspath(path)
     if mode == "r":
         return Cache(open_backend(path, False, storage_options))
     if mode not in ("a", "r+"):
         raise KdcacheError(f"unknown open mode {mode!r}; expected 'r' or 'a'")
     open_backend(path, False, storage_options).close()  # fail on non-caches before locking
-    wlock = lockmod.acquire(path, break_lock=break_lock)
+    wlock = lockmod.acquire(path, break_lock=break_lock, storage_options=storage_options)
     try:
         return CacheWriter(open_backend(path, True, storage_options), wlock)
     except BaseException:
         wlock.release()
         raise
+
+
+def open_members(path: str, storage_options: dict | None = None) -> list[Cache]:
+    """The caches at `path`, read-only: one for a cache, every member of a multi-teacher
+    store (in order)."""
+    meta = read_meta(path, storage_options)
+    if meta.get("kind") != MULTI:
+        return [open_cache(path, storage_options=storage_options)]
+    members = meta.get("members") or []
+    if not meta.get("complete"):
+        raise KdcacheError(f"multi-teacher store {path} is incomplete (its merge did not finish)")
+    out: list[Cache] = []
+    try:
+        for m in members:
+            out.append(open_cache(remote.join(path, m), storage_options=storage_options))
+    except BaseException:
+        for c in out:
+            c.close()
+        raise
+    return out
 
 
 def _check_inputs(spec: CacheSpec, labels: Any, keys: Sequence[str]) -> tuple[np.ndarray, list]:
@@ -205,55 +229,41 @@ def create_cache(
     """
     path = local_path(os.fspath(path)).rstrip("/")
     bname = infer_backend(path, backend)
+    so = storage_options
     if is_remote(path):
-        raise KdcacheError(f"writing to remote {path} is not supported; write locally and push")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        remote.require_writable(path)
+        if bname == "hdf5":
+            raise KdcacheError(
+                f"HDF5 caches are written locally only; got {path} (use a .zarr URL, or write "
+                "a local .h5 and `cache push` it)"
+            )
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise KdcacheError(f"directory of {path} does not exist; create it first")
     labels, keys = _check_inputs(spec, labels, keys)
     if bname == "hdf5" and spec.compression == "zstd":
         raise KdcacheError("compression 'zstd' is not available for HDF5; use 'gzip' or 'none'")
     command = (provenance or {}).get("command")
-    wlock = lockmod.acquire(path, break_lock=break_lock, command=command) if lock else None
+    wlock = None
+    if lock:
+        wlock = lockmod.acquire(path, break_lock=break_lock, command=command, storage_options=so)
     try:
         for _attempt in range(3):
-            if os.path.exists(path):
-                writer = CacheWriter(open_backend(path, True, storage_options), wlock)
-                if writer.backend_name != bname:
-                    writer._b.close()
-                    raise KdcacheError(f"{path} is a {writer.backend_name} cache, not {bname}")
-                same = writer.spec.to_json() == spec.to_json()
-                if same and not (overwrite and lock):
-                    log.info("resuming cache %s: %d chunks to do", path, len(writer.todo_chunks()))
+            if exists(path, so):
+                writer = _existing(path, spec, bname, overwrite and lock, wlock, so)
+                if writer is not None:
                     return writer
-                writer._b.close()
-                if not (overwrite and lock):
-                    hint = "; pass overwrite=True to delete and recreate it" if lock else ""
-                    raise KdcacheError(
-                        f"cache {path} exists with a different spec "
-                        f"({describe_diff(writer.spec, spec)}){hint}"
-                    )
                 log.warning("overwrite: deleting existing cache %s", path)
-                backend_class(bname).delete(path)
+                backend_class(bname).delete(path, so)
                 overwrite = False
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "spec": spec.to_dict(),
-                "key": spec.key(),
-                "counts": {
-                    "n": spec.n,
-                    "num_augs": spec.num_augs,
-                    "num_classes": spec.num_classes,
-                    "n_chunks": spec.n_chunks,
-                },
-                "provenance": make_provenance(provenance),
-                "complete": False,
-                "checksums": None,
-            }
+            meta = new_meta(spec, provenance)
+            if is_remote(path):  # no rename on object stores: arrays first, attrs last
+                ZarrBackend.create(path, spec, meta, labels, keys, so)
+                return CacheWriter(open_backend(path, True, so), wlock)
             tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 backend_class(bname).create(tmp, spec, meta, labels, keys)
                 if _publish(tmp, path, bname):
-                    return CacheWriter(open_backend(path, True, storage_options), wlock)
+                    return CacheWriter(open_backend(path, True, so), wlock)
             finally:
                 if os.path.exists(tmp):
                     backend_class(bname).delete(tmp)
@@ -263,6 +273,33 @@ def create_cache(
         if wlock is not None:
             wlock.release()
         raise
+
+
+def _existing(
+    path: str, spec: CacheSpec, bname: str, may_delete: bool, wlock: Any, so: dict | None
+) -> CacheWriter | None:
+    """Resume the cache at `path` if its spec equals `spec`; None = delete it (may_delete)."""
+    try:
+        writer = CacheWriter(open_backend(path, True, so), wlock)
+    except KdcacheError as e:
+        if may_delete:
+            return None
+        raise KdcacheError(
+            f"{path} exists but is not a usable cache ({e}); delete it first"
+        ) from None
+    if writer.backend_name != bname:
+        writer._b.close()
+        raise KdcacheError(f"{path} is a {writer.backend_name} cache, not {bname}")
+    if writer.spec.to_json() == spec.to_json() and not may_delete:
+        log.info("resuming cache %s: %d chunks to do", path, len(writer.todo_chunks()))
+        return writer
+    writer._b.close()
+    if may_delete:
+        return None
+    hint = "; pass overwrite=True to delete and recreate it" if wlock is not None else ""
+    raise KdcacheError(
+        f"cache {path} exists with a different spec ({describe_diff(writer.spec, spec)}){hint}"
+    )
 
 
 def _publish(tmp: str, path: str, bname: str) -> bool:
@@ -294,49 +331,6 @@ def merge_shards(
     break_lock: bool = False,
 ) -> str:
     """Join caches of the same spec whose done chunks are disjoint and cover all chunks."""
-    if not shard_paths:
-        raise KdcacheError("merge_shards needs at least one shard")
-    shards = [open_cache(p) for p in shard_paths]
-    try:
-        base = shards[0]
-        owner: dict[int, int] = {}
-        for i, sh in enumerate(shards):
-            if os.path.abspath(sh.path) == os.path.abspath(out_path):
-                raise KdcacheError(f"merge output {out_path} is also a shard")
-            names = [d for d in sh.spec.diff(base.spec) if d != "storage.compression"]
-            if names:
-                raise KdcacheError(
-                    f"shard {sh.path} has a different spec than {base.path}: "
-                    f"{describe_diff(sh.spec, base.spec)}"
-                )
-            for c in np.flatnonzero(sh.done()):
-                if int(c) in owner:
-                    raise KdcacheError(
-                        f"chunk {c} is done in both {shards[owner[int(c)]].path} and {sh.path}"
-                    )
-                owner[int(c)] = i
-        missing = [c for c in range(base.n_chunks) if c not in owner]
-        if missing:
-            raise KdcacheError(f"no shard has chunks {_first(missing)} of {base.n_chunks}")
-        writer = create_cache(
-            out_path, base.spec, labels=base.labels(), keys=base.keys(), overwrite=overwrite,
-            provenance={"merged_from": [str(p) for p in shard_paths]}, backend=backend,
-            break_lock=break_lock,
-        )  # fmt: skip
-        try:
-            for c in writer.todo_chunks():
-                sh = shards[owner[c]]
-                start, stop = sh.chunk_range(c)
-                raw = sh.read_chunk_raw(c)
-                vp = np.asarray(sh._b.read("view_params", start, stop), dtype=np.float32)
-                digest = chunk_digest(raw, vp)
-                if digest != bytes(np.asarray(sh._b.read("checksums", c, c + 1))[0]):
-                    raise CacheCorruptError(f"chunk {c} of shard {sh.path} fails its checksum")
-                writer.write_chunk_raw(c, raw, vp, digest)
-            writer.finalize()
-        finally:
-            writer.close()
-    finally:
-        for sh in shards:
-            sh.close()
-    return out_path
+    from cache.merge import merge_shards as merge
+
+    return merge(out_path, shard_paths, overwrite=overwrite, backend=backend, break_lock=break_lock)

@@ -1,36 +1,64 @@
-"""Inspect a cache without torch: `info` (a dict) and `format_info` (human readable)."""
+"""Inspect caches without torch: `info` (a dict), `format_info` (human readable) and `ls`
+(every cache under a directory or URL prefix)."""
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
-from cache.store import open_cache
+from cache import remote
+from cache.errors import KdcacheError
+from cache.reader import MULTI, Cache
+from cache.sparse import describe
+from cache.store import open_cache, read_meta
+
+log = logging.getLogger(__name__)
+
+
+def _cache_info(cache: Cache) -> dict[str, Any]:
+    done = cache.done()
+    entry = cache.entry_bytes()
+    return {
+        "path": cache.path,
+        "backend": cache.backend_name,
+        "key": cache.key,
+        "spec": cache.spec.to_dict(),
+        "n": cache.n,
+        "num_augs": cache.num_augs,
+        "num_classes": cache.num_classes,
+        "param_dim": cache.spec.param_dim,
+        "dtype": cache.dtype,
+        "storage": describe(cache.spec.storage),
+        "chunk_samples": cache.chunk_samples,
+        "compression": cache.spec.compression,
+        "n_chunks": cache.n_chunks,
+        "done_chunks": int(done.sum()),
+        "complete": cache.is_complete(),
+        "size_bytes": cache._b.size_bytes(),
+        "logits_bytes": cache.nbytes(),
+        "entry_bytes": entry,
+        "entry_fraction_of_dense_fp16": entry / (2 * cache.num_classes),
+        "sparse_kl": cache.attrs.get("sparse_kl"),
+        "converted_from": cache.attrs.get("converted_from"),
+        "provenance": cache.attrs.get("provenance", {}),
+        "finalized_at": cache.attrs.get("finalized_at"),
+    }
 
 
 def info(path: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """What a cache holds: spec, key, sizes, dtype, bytes on disk, progress, provenance."""
+    """What a cache holds: spec, key, sizes, dtype/storage, bytes, progress, provenance; for a
+    multi-teacher store, the same for every member. Read-only."""
+    meta = read_meta(path, storage_options)
+    if meta.get("kind") == MULTI:
+        members = []
+        for m in meta.get("members") or []:
+            with open_cache(remote.join(path, m), storage_options=storage_options) as c:
+                members.append({"member": m, **_cache_info(c)})
+        return {"path": path, "kind": MULTI, "complete": bool(meta.get("complete")),
+                "members": members}  # fmt: skip
     with open_cache(path, storage_options=storage_options) as cache:
-        done = cache.done()
-        return {
-            "path": cache.path,
-            "backend": cache.backend_name,
-            "key": cache.key,
-            "spec": cache.spec.to_dict(),
-            "n": cache.n,
-            "num_augs": cache.num_augs,
-            "num_classes": cache.num_classes,
-            "param_dim": cache.spec.param_dim,
-            "dtype": cache.dtype,
-            "chunk_samples": cache.chunk_samples,
-            "compression": cache.spec.compression,
-            "n_chunks": cache.n_chunks,
-            "done_chunks": int(done.sum()),
-            "complete": cache.is_complete(),
-            "size_bytes": cache._b.size_bytes(),
-            "logits_bytes": cache.nbytes(),
-            "provenance": cache.attrs.get("provenance", {}),
-            "finalized_at": cache.attrs.get("finalized_at"),
-        }
+        return {"kind": "cache", **_cache_info(cache)}
 
 
 def human_bytes(n: int | None) -> str:
@@ -46,6 +74,11 @@ def human_bytes(n: int | None) -> str:
 
 def format_info(d: dict[str, Any]) -> str:
     """Multi-line summary of `info(path)` for humans."""
+    if d.get("kind") == MULTI:
+        head = f"multi-teacher store {d['path']}: {len(d['members'])} teachers, " + (
+            "complete" if d["complete"] else "INCOMPLETE"
+        )
+        return "\n\n".join([head] + [f"[{m['member']}]\n" + format_info(m) for m in d["members"]])
     spec = d["spec"]
     t, ds, v = spec["teacher"], spec["dataset"], spec["views"]
     prov = d.get("provenance") or {}
@@ -61,12 +94,18 @@ def format_info(d: dict[str, Any]) -> str:
         ),
         (
             "storage",
-            f"{d['dtype']}, chunks of {d['chunk_samples']} samples, compression {d['compression']}",
+            f"{d['storage']} {d['dtype']}, chunks of {d['chunk_samples']} samples, "
+            f"compression {d['compression']}",
         ),
         (
             "logits",
             f"{d['n']} x {d['num_augs']} x {d['num_classes']} = {human_bytes(d['logits_bytes'])}"
             f" in RAM; {human_bytes(d['size_bytes'])} on disk",
+        ),
+        (
+            "per entry",
+            f"{d['entry_bytes']} B ({100 * d['entry_fraction_of_dense_fp16']:.1f}% of dense "
+            "float16)",
         ),
         (
             "chunks",
@@ -75,7 +114,101 @@ def format_info(d: dict[str, Any]) -> str:
         ),
         ("created", f"{prov.get('created_at', '?')} by kdcache {prov.get('kdcache', '?')}"),
     ]
+    kl = d.get("sparse_kl")
+    if kl:
+        rows.insert(
+            8,
+            ("sparse KL", f"mean KL(dense||sparse) {kl.get('T1', 0):.4g} at T=1, "
+             f"{kl.get('T4', 0):.4g} at T=4 over {kl.get('entries')} entries"),
+        )  # fmt: skip
     if prov.get("command"):
         rows.append(("command", str(prov["command"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)
+
+
+# -- ls ----------------------------------------------------------------------------------------
+def _found(url: str, storage_options: dict | None, max_depth: int) -> list[str]:
+    """Paths/URLs of every zarr group directory and HDF5 file under `url`."""
+    if remote.split_hdf5(url)[0] and not remote.split_hdf5(url)[1]:
+        return [url]
+    fs, root = remote.filesystem(url, storage_options)
+    is_url = remote.is_remote(url)
+
+    def name_of(p: str) -> str:
+        return fs.unstrip_protocol(p) if is_url and "://" not in p else p
+
+    out: list[str] = []
+
+    def walk(p: str, depth: int) -> None:
+        with remote.errors(url):
+            entries = fs.ls(p, detail=True)
+        base = {os.path.basename(e["name"].rstrip("/")): e for e in entries}
+        if "zarr.json" in base:
+            out.append(name_of(p.rstrip("/")))
+            return
+        for e in sorted(entries, key=lambda e: e["name"]):
+            name = e["name"].rstrip("/")
+            if os.path.basename(name).startswith("."):
+                continue
+            if e["type"] == "file" and name.lower().endswith((".h5", ".hdf5")):
+                out.append(name_of(name))
+            elif e["type"] == "directory" and depth < max_depth and name != p.rstrip("/"):
+                walk(name, depth + 1)
+
+    with remote.errors(url):
+        fs.invalidate_cache()
+    walk(root, 0)
+    return out
+
+
+def _row(c: Cache, kind: str) -> dict[str, Any]:
+    s = c.spec
+    return {
+        "path": c.path, "kind": kind, "key": c.key, "teacher": s.teacher.get("name"),
+        "dataset": f"{s.dataset.get('name', '?')}/{s.dataset.get('split', '?')}",
+        "views": {"policy": s.views.get("policy"), "num_augs": s.num_augs,
+                  "seed": s.views.get("seed")},
+        "shape": [c.n, c.num_augs, c.num_classes], "dtype": c.dtype,
+        "storage": describe(s.storage), "bytes": c._b.size_bytes(),
+        "complete": c.is_complete(), "done_chunks": int(c.done().sum()), "n_chunks": c.n_chunks,
+    }  # fmt: skip
+
+
+def ls(url: str, storage_options: dict | None = None, max_depth: int = 6) -> list[dict]:
+    """Every cache under a directory or URL prefix (multi-teacher stores: one row per
+    member). Read-only; things that are not kdcache caches are skipped."""
+    rows: list[dict] = []
+    for path in _found(url, storage_options, max_depth):
+        try:
+            meta = read_meta(path, storage_options)
+            if meta.get("kind") == MULTI:
+                for m in meta.get("members") or []:
+                    with open_cache(remote.join(path, m), storage_options=storage_options) as c:
+                        rows.append({**_row(c, f"member of {path}"), "store": path})
+                continue
+            with open_cache(path, storage_options=storage_options) as c:
+                rows.append(_row(c, "cache"))
+        except KdcacheError as e:
+            log.info("ls: skipping %s (%s)", path, e)
+    return rows
+
+
+def format_ls(rows: list[dict]) -> str:
+    """A table of `ls` rows."""
+    if not rows:
+        return "no caches found"
+    head = ("key", "teacher", "dataset", "views", "N x A x C", "storage", "bytes", "state", "path")
+    table = [head]
+    for r in rows:
+        v = r["views"]
+        state = "complete" if r["complete"] else f"{r['done_chunks']}/{r['n_chunks']} chunks"
+        table.append((
+            r["key"][:12], str(r["teacher"]), r["dataset"],
+            f"{v['policy']} A={v['num_augs']} seed={v['seed']}",
+            " x ".join(map(str, r["shape"])), f"{r['dtype']} {r['storage']}",
+            human_bytes(r["bytes"]), state, r["path"],
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in table)
+    return "\n".join(line.rstrip() for line in lines)

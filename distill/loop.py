@@ -121,6 +121,7 @@ def epoch_batches(
             for s, a, lg in iter_epoch(
                 t.chunked, batch_size=batch_size, seed=seed, epoch=epoch, aug_mode=mode
             )
+            if len(s) >= make.world  # every rank must get a row, or DDP would hang
         )
     else:
         num_augs = t.num_augs if make.cached else 1

@@ -16,10 +16,17 @@ log = logging.getLogger(__name__)
 
 
 def open_caches(paths: list[str], dataset, num_classes: int, storage_options: dict | None):
-    """Open every cache read-only and refuse any that does not match the dataset given."""
-    from cache.store import open_cache
+    """Open every cache read-only (never writes, also for URLs) and refuse any that does not
+    match the dataset given. A multi-teacher store (`cache merge`) counts as all its members;
+    sparse caches (top-k, sampled) read as full-width logits."""
+    from cache.store import open_members
 
-    caches = [open_cache(p, "r", storage_options=storage_options or None) for p in paths]
+    caches, names = [], []
+    for p in paths:
+        members = open_members(p, storage_options or None)
+        caches += members
+        names += [p] if len(members) == 1 else [c.path for c in members]
+    paths = names
     fp = dataset.fingerprint()
     first = caches[0]
     for p, c in zip(paths, caches, strict=True):
@@ -80,7 +87,7 @@ class CachedTeacher:
         self.view_params = caches[0].view_params()  # (N, A, P): small, replayed every step
         self.teacher_view = teacher_view
         single = len(caches) == 1 and teacher_view == "same"
-        need = sum(c.nbytes() for c in caches) * (1 if single else 3)
+        need = sum(c.nbytes() + (0 if single else c.dense_nbytes()) for c in caches)
         self.in_ram = need <= budget_bytes
         self.chunked = None
         if not self.in_ram:
@@ -96,12 +103,9 @@ class CachedTeacher:
             self.mem = caches[0].load(budget_bytes)
             self.table = None
         else:
-            from cache.backends import decode
-
             arrays = []
             for c in caches:
-                raw = c.load(budget_bytes).raw
-                full = decode(raw, c.dtype)
+                full = c.load(budget_bytes).full()  # float32 (N, A, C), sparse rebuilt
                 arrays.append(full.mean(1) if teacher_view == "mean" else full)
             self.table = combine(arrays, ensemble)
             self.mem = None

@@ -36,5 +36,7 @@ class PrecomputeConfig:
     overwrite: bool = False
     break_lock: bool = False
     max_samples: int | None = None
+    topk: int | None = None
+    sampled: int | None = None
     storage_options: dict = field(default_factory=dict)
     command: str | None = None

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.backends import backend_class, exists
 from cache.errors import KdcacheError
 from precompute.config import PrecomputeConfig
 from precompute.runtime import Runtime, barrier, broadcast_object, init_runtime, shutdown
@@ -117,16 +118,14 @@ def _run(cfg: PrecomputeConfig, rt: Runtime) -> dict:
     t0 = time.perf_counter()
     setup = build_setup(cfg, rt.device)
     path = resolve_out_path(cfg, setup)
-    existed = "://" not in path and Path(path).exists()
+    existed = exists(path, cfg.storage_options or None)
     writer = _open_writer(cfg, setup, rt, path)
     try:
         return _compute(cfg, rt, setup, path, writer, t0)
     except KdcacheError:
         if rt.is_main and not existed:  # a run that fails on bad input leaves nothing behind
-            from cache.backends import backend_class
-
             writer.close()
-            backend_class(setup.backend).delete(path)
+            backend_class(setup.backend).delete(path, cfg.storage_options or None)
         raise
 
 

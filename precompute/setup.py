@@ -181,7 +181,8 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
             "dtype": cfg.dtype,
             "chunk_samples": cfg.chunk_samples,
             "compression": cfg.compression,
-            "topk": None,
+            "topk": cfg.topk,
+            "sampled": cfg.sampled,
         },
     )
     return Setup(

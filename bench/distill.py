@@ -1,0 +1,236 @@
+"""Stage-2 throughput: CE-only vs distillation from the cache vs online KD, in one run. Not a test.
+
+Same student, same data, same batch plan, the real training path (`distill.setup.build_run`,
+`BatchMaker`, `epoch_batches` with its prefetch thread, `train_epoch`):
+  CE only        plain training, no cache (`distill --loss ce`): the speed to match
+  cache KD       `--loss wsl|kd --cache C`: replayed views + cached logits (in RAM)
+  online KD      the same loss with the teacher in memory (`OnlineTeacher`) run on the replayed
+                 views every step: what the cache saves
+Goals: cache/CE >= 0.97, and cache/online >= 0.95 x ideal, where ideal = (student step + teacher
+forward) / student step, both timed alone on one pre-made batch. Modes are interleaved epoch by
+epoch `--repeats` times and the best epoch of each is compared (the development VM is shared).
+Data: synthetic CIFAR-100-format images in a temp dir; models randomly initialised.
+
+    .venv/bin/python bench/distill.py [--quick] [--teacher resnet34] [--student resnet18]
+        [--loss wsl] [--n 1024] [--batch-size 64] [--num-augs 4] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import pickle
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.config import DistillConfig  # noqa: E402
+from distill.loop import BatchMaker, epoch_batches, train_epoch  # noqa: E402
+from distill.setup import build_run, make_optimizer  # noqa: E402
+from distill.teachers import OnlineTeacher  # noqa: E402
+from precompute.config import PrecomputeConfig  # noqa: E402
+from precompute.models import create_model  # noqa: E402
+from precompute.run import run as precompute  # noqa: E402
+from precompute.runtime import init_runtime  # noqa: E402
+
+GOAL_CE, GOAL_IDEAL = 0.97, 0.95
+
+
+def write_cifar100(root: Path, n: int, seed: int = 0) -> None:
+    """Random uint8 images in CIFAR-100's python-pickle layout (train: n, test: 16)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, count in (("train", n), ("test", 16)):
+        labels = [int(v) for v in rng.integers(0, 100, count)]
+        data = {
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            "fine_labels": labels,
+            "coarse_labels": [v // 5 for v in labels],
+            "filenames": [f"{name}_{i}.png" for i in range(count)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(data, f, protocol=4)
+    meta = {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": []}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=4)
+
+
+class Mode:
+    """One way of training: its own student, optimizer, batch maker and (live) teacher."""
+
+    def __init__(self, name: str, cfg: DistillConfig, rt, live=None) -> None:
+        torch.manual_seed(cfg.seed)  # the same student initialisation in every mode
+        r = build_run(cfg, rt)
+        self.name, self.cfg, self.rt, self.live, self.r = name, cfg, rt, live, r
+        self.model = r.model.to(rt.device)
+        if rt.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = make_optimizer(cfg, self.model)
+        self.make = BatchMaker(r.train, r.policy, r.teacher, seed=cfg.seed)
+        self.rates: list[float] = []
+
+    def epoch(self, epoch: int, max_steps: int | None = None) -> float:
+        """Samples/s of one epoch as `distill.train` runs it (prefetch depth 2)."""
+        c = self.cfg
+        n = len(self.r.train)
+        batches = epoch_batches(self.make, n, c.batch_size, c.seed, epoch, c.views, depth=2)
+        sums, _ = train_epoch(
+            self.model,
+            self.model,
+            batches,
+            self.r.loss_fn,
+            self.opt,
+            self.rt.device,
+            teacher=self.live,
+            amp=c.amp,
+            reg_fn=self.r.reg_fn,
+            max_steps=max_steps,
+        )
+        return sums["n"] / sums["seconds"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(mode: Mode, teacher, reps: int) -> tuple[float, float]:
+    """Best seconds of one student train step and one teacher forward, on the same batch."""
+    dev = mode.rt.device
+    model = copy.deepcopy(mode.model).train()
+    opt = make_optimizer(mode.cfg, model)
+    bs = mode.cfg.batch_size
+    b = mode.make(np.arange(bs), np.zeros(bs, np.int64), 0)
+    x, y = b["views"].to(dev), b["labels"].to(dev)
+    if dev.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ts, tt = [], []
+    for _ in range(reps + 2):  # the first two warm up
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        float(loss.detach())
+        sync(dev)
+        ts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        teacher.logits(None, None, x).cpu()
+        sync(dev)
+        tt.append(time.perf_counter() - t0)
+    return min(ts[2:]), min(tt[2:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default="resnet34", help="timm, tv: or CIFAR-zoo name")
+    ap.add_argument("--student", default="resnet18")
+    ap.add_argument("--loss", default="wsl", help="the distillation loss (wsl, kd, ...)")
+    ap.add_argument("--n", type=int, default=1024, help="samples of the synthetic dataset")
+    ap.add_argument("--num-augs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed epochs of each mode")
+    ap.add_argument("--quick", action="store_true", help="n=256, 1 repeat: smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.n, args.repeats = min(args.n, 256), 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rt = init_runtime(args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="kdcache-bench-distill-"))
+    try:
+        write_cifar100(tmp / "data", args.n)
+        torch.manual_seed(1)
+        teacher, _ = create_model(args.teacher, num_classes=100)
+        torch.save(teacher.state_dict(), tmp / "teacher.pt")
+        t0 = time.perf_counter()
+        cache = str(tmp / "teacher.zarr")
+        precompute(
+            PrecomputeConfig(
+                teacher=args.teacher,
+                weights=str(tmp / "teacher.pt"),
+                out=cache,
+                dataset="cifar100",
+                data_root=str(tmp / "data"),
+                num_augs=args.num_augs,
+                batch_size=256,
+                device=args.device,
+                amp=args.amp,
+            )
+        )
+        pre_s = time.perf_counter() - t0
+        base = dict(
+            student=args.student,
+            dataset="cifar100",
+            data_root=str(tmp / "data"),
+            test_split="none",
+            batch_size=args.batch_size,
+            schedule="constant",
+            amp=args.amp,
+            device=args.device,
+        )
+        online = OnlineTeacher(teacher, rt.device)
+        if rt.device.type == "cuda":
+            online.model.to(memory_format=torch.channels_last)
+        kd = DistillConfig(loss=args.loss, caches=[cache], **base)
+        modes = [
+            Mode("CE only", DistillConfig(loss="ce", **base), rt),
+            Mode(f"cache {args.loss}", kd, rt),
+            Mode(f"online {args.loss}", kd, rt, live=online),
+        ]
+        for m in modes:
+            m.epoch(0, max_steps=3)  # warm-up: allocator, kernels, caches
+        for rep in range(args.repeats):
+            for m in modes:
+                m.rates.append(m.epoch(rep + 1))
+        t_student, t_teacher = step_times(modes[0], online, max(3, args.repeats * 2))
+        report(args, rt.device, modes, t_student, t_teacher, pre_s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(args, device, modes, t_student: float, t_teacher: float, pre_s: float) -> None:
+    best = [max(m.rates) for m in modes]
+    ce, cached, online = best
+    ideal = (t_student + t_teacher) / t_student
+    print(
+        f"{args.teacher} -> {args.student}, loss {args.loss}, cifar100-format N={args.n} "
+        f"(A={args.num_augs} cached views, precompute {pre_s:.1f} s), batch {args.batch_size}, "
+        f"device {device}, {torch.get_num_threads()} torch threads, best of {args.repeats} epochs"
+    )
+    head = f"{'mode':<20} {'samples/s':>10} {'median':>10} {'vs CE':>7}"
+    print(head)
+    print("-" * len(head))
+    for m, b in zip(modes, best, strict=True):
+        print(f"{m.name:<20} {b:>10,.1f} {statistics.median(m.rates):>10,.1f} {b / ce:>7.3f}")
+    bs = args.batch_size
+    print(f"{'student step alone':<20} {bs / t_student:>10,.1f}")
+    print(f"{'teacher fwd alone':<20} {bs / t_teacher:>10,.1f}")
+    print()
+    rows = (
+        ("cache / CE", cached / ce, GOAL_CE, f">= {GOAL_CE:.2f}"),
+        ("ideal (s+t)/s", ideal, None, ""),
+        ("cache / online", cached / online, GOAL_IDEAL * ideal, f">= {GOAL_IDEAL} x ideal"),
+    )
+    head = f"{'ratio':<16} {'value':>7}  {'goal':<24}"
+    print(head)
+    print("-" * len(head))
+    for name, value, goal, text in rows:
+        verdict = "" if goal is None else f"{goal:.3f} {'ok' if value >= goal else 'MISS'}"
+        print(f"{name:<16} {value:>7.3f}  {text:<16} {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Epochs over a cache: which view each sample gets, RAM or chunk-aware batch iteration, and
+the default read mode.
+
+Random single-row reads from chunked storage are ~100x too slow for training, so training
+either loads the cache into RAM (stored arrays, decoded per batch) or iterates an epoch chunk
+by chunk (shuffle chunk order, shuffle rows within a buffer of chunks). Works the same for
+dense and sparse caches: rows are gathered in their stored form and decoded per batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from cache.dtypes import mix64
+from cache.errors import KdcacheError
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+Rows = dict[str, np.ndarray]
+
+
+def choose_augs(seed: int, epoch: int, samples: Any, num_augs: int) -> np.ndarray:
+    """The aug of each sample this epoch: a hash of (seed, epoch, sample) only, so any batching,
+    rank split or reader (RAM or chunk-aware) picks the same views."""
+    if num_augs < 1:
+        raise KdcacheError(f"num_augs is {num_augs}; expected >= 1")
+    s = np.asarray(samples, dtype=np.int64).reshape(-1).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        base = mix64(mix64(np.array([seed % 2**64], dtype=np.uint64)) ^ np.uint64(epoch % 2**64))
+        h = mix64(base ^ mix64(s + np.uint64(0x9E3779B97F4A7C15)))
+    return (h % np.uint64(num_augs)).astype(np.int64)
+
+
+def _pairs(samples: np.ndarray, aug_mode: Any, num_augs: int, seed: int, epoch: int):
+    """The (sample, aug) pairs of an epoch for these samples."""
+    if aug_mode == "random":
+        return samples, choose_augs(seed, epoch, samples, num_augs)
+    if aug_mode == "all":
+        return np.repeat(samples, num_augs), np.tile(np.arange(num_augs), len(samples))
+    if isinstance(aug_mode, (int, np.integer)) and not isinstance(aug_mode, bool):
+        if not 0 <= aug_mode < num_augs:
+            raise KdcacheError(f"aug_mode {aug_mode} out of range 0..{num_augs - 1}")
+        return samples, np.full(len(samples), int(aug_mode), dtype=np.int64)
+    raise KdcacheError(f"unknown aug_mode {aug_mode!r}; expected 'random', 'all' or an aug index")
+
+
+def iter_epoch(
+    source: Any,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    aug_mode: str | int = "random",
+    buffer_chunks: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> Iterator[Batch]:
+    """Yield (samples int64[B], augs int64[B], logits float32[B, C]) covering every chosen
+    (sample, aug) once per epoch; ranks get disjoint parts (chunks, or pairs in RAM).
+
+    `source` is a Cache (chunk-aware) or an InMemoryLogits. drop_last=True yields only full
+    batches, the same number on every rank (what DDP needs); the few pairs left over are
+    skipped that epoch.
+    """
+    if batch_size < 1 or buffer_chunks < 1:
+        raise KdcacheError(
+            f"batch_size and buffer_chunks must be >= 1; got {batch_size}, {buffer_chunks}"
+        )
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise KdcacheError(f"rank {rank} out of range for world_size {world_size}")
+
+    def pick(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _pairs(samples, aug_mode, source.num_augs, seed, epoch)
+
+    pick(np.empty(0, np.int64))  # validate aug_mode before any reading
+    per_sample = source.num_augs if aug_mode == "all" else 1
+    key = [seed % 2**63, epoch % 2**63]
+    if getattr(source, "in_memory", False):
+        gen = _ram_epoch(source, batch_size, key, pick, rank, world_size)
+        fewest = source.n * per_sample // world_size
+    else:
+        source.require_complete()
+        order = np.random.default_rng(key + [0]).permutation(source.n_chunks)
+        cs = source.chunk_samples
+        sizes = np.array([min(cs, source.n - int(c) * cs) for c in order])
+        fewest = min(int(sizes[r::world_size].sum()) for r in range(world_size)) * per_sample
+        rng = np.random.default_rng(key + [1, rank])
+        gen = _chunk_epoch(source, order[rank::world_size], batch_size, buffer_chunks, rng, pick)
+    yield from itertools.islice(gen, fewest // batch_size if drop_last else None)
+
+
+Pick = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _ram_epoch(src: Any, bs: int, key: list, pick: Pick, rank: int, world: int) -> Iterator[Batch]:
+    """Global shuffle of all the epoch's pairs; rank r takes every world-th pair."""
+    s, a = pick(np.arange(src.n, dtype=np.int64))
+    perm = np.random.default_rng(key + [0]).permutation(len(s))[rank::world]
+    s, a = s[perm], a[perm]
+    for i in range(0, len(s), bs):
+        yield s[i : i + bs], a[i : i + bs], src.read(s[i : i + bs], a[i : i + bs])
+
+
+def _take(rows: Rows, idx: Any) -> Rows:
+    return {k: v[idx] for k, v in rows.items()}
+
+
+def _chunk_epoch(
+    src: Any, chunks: np.ndarray, bs: int, buffer_chunks: int, rng: np.random.Generator,
+    pick: Pick,
+) -> Iterator[Batch]:  # fmt: skip
+    """Read `buffer_chunks` chunks (checksum-verified), shuffle their rows, yield full
+    batches, carry the rest."""
+    left_s = left_a = np.empty(0, np.int64)
+    left_r: Rows | None = None
+    for i in range(0, len(chunks), buffer_chunks):
+        parts_s, parts_a, parts_r = [], [], []
+        for c in chunks[i : i + buffer_chunks]:
+            start, stop = src.chunk_range(int(c))
+            stored = src.read_chunk_stored(int(c), verify=True)
+            s, a = pick(np.arange(start, stop, dtype=np.int64))
+            parts_s.append(s)
+            parts_a.append(a)
+            parts_r.append({k: v[s - start, a] for k, v in stored.items()})
+        perm = rng.permutation(sum(len(p) for p in parts_s))
+        s = np.concatenate([left_s, np.concatenate(parts_s)[perm]])
+        a = np.concatenate([left_a, np.concatenate(parts_a)[perm]])
+        rows = {k: np.concatenate([p[k] for p in parts_r])[perm] for k in parts_r[0]}
+        if left_r is not None:
+            rows = {k: np.concatenate([left_r[k], v]) for k, v in rows.items()}
+        full = len(s) - len(s) % bs
+        for j in range(0, full, bs):
+            yield s[j : j + bs], a[j : j + bs], src.decode_rows(_take(rows, slice(j, j + bs)))
+        left_s, left_a, left_r = s[full:], a[full:], _take(rows, slice(full, None))
+    if len(left_s):
+        yield left_s, left_a, src.decode_rows(left_r)
+
+
+def default_memory_budget(fraction: float = 0.5) -> int:
+    """A fraction of the RAM available now (MemAvailable), the default budget for load()."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * fraction)
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def training_source(cache: Any, memory_budget: int | None = None) -> Any:
+    """The default read mode: the whole cache in RAM when it fits the budget, else the cache
+    itself for chunk-aware iter_epoch."""
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+    if cache.nbytes() <= budget:
+        return cache.load(budget)
+    log.info(
+        "cache %s (%d bytes) exceeds RAM budget %d: reading chunk-aware",
+        cache.path,
+        cache.nbytes(),
+        budget,
+    )
+    cache.require_complete()
+    return cache
