@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--out", default="demo_runs", help="Where runs and the cache go.")
     ap.add_argument("--teacher", default="resnet20")
     ap.add_argument("--student", default="resnet8")
-    ap.add_argument("--teacher-epochs", type=int, default=15)
-    ap.add_argument("--student-epochs", type=int, default=15)
+    ap.add_argument("--teacher-epochs", type=int, default=8)
+    ap.add_argument("--student-epochs", type=int, default=8)
     ap.add_argument("--num-augs", type=int, default=4)
     a = ap.parse_args()
     out = ROOT / a.out

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill.config import DistillConfig
-from distill.loop import BatchMaker, epoch_batches, evaluate_model, train_epoch
+from distill.loop import BatchMaker, epoch_batches, evaluate_model, prefetch_depth, train_epoch
 from distill.metrics import MetricsLog
 from distill.setup import build_run, make_optimizer, make_scheduler
 from precompute.runtime import Runtime, barrier, init_runtime, shutdown
@@ -100,7 +100,7 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
             cfg.seed,
             epoch,
             cfg.views,
-            depth=max(2, cfg.workers),
+            depth=prefetch_depth(rt.device, cfg.workers),
         )
         sums, step = train_epoch(
             model,

@@ -39,8 +39,9 @@ def to_device(batch, device: torch.device):
     return batch.to(device, non_blocking=True)
 
 
-def prepare_chunk(setup: Setup, start: int, stop: int, batch_size: int):
-    """Raw samples + their seeded view params, cut into fixed chunk-local view batches."""
+def prepare_chunk(setup: Setup, start: int, stop: int, batch_size: int, pin: bool = False):
+    """Raw samples + their seeded view params, cut into fixed chunk-local view batches
+    (page-locked with `pin`, so their copies to a GPU are asynchronous)."""
     samples = np.arange(start, stop, dtype=np.int64)
     params = setup.view_params(samples)  # (n, A, P)
     n, a, p = params.shape
@@ -52,18 +53,27 @@ def prepare_chunk(setup: Setup, start: int, stop: int, batch_size: int):
         hi = min(lo + batch_size, n * a)
         idx = torch.from_numpy(rows[lo:hi])
         raw_b = [raw[i] for i in rows[lo:hi]] if isinstance(raw, list) else raw[idx]
-        batches.append(setup.policy.apply(raw_b, flat_params[lo:hi]))
+        view = setup.policy.apply(raw_b, flat_params[lo:hi])
+        batches.append(_pinned(view) if pin else view)
     return params, batches
 
 
+def _pinned(batch):
+    if isinstance(batch, dict):
+        return {k: v.pin_memory() for k, v in batch.items()}
+    return batch.pin_memory()
+
+
 def _teacher_logits(setup: Setup, batches, device: torch.device, amp: bool) -> np.ndarray:
+    """A chunk's logits. On a GPU they stay there until the chunk is done, so its forwards
+    queue back to back (one host sync per chunk, not one per batch)."""
     outs = []
     with torch.inference_mode():
         for b in batches:
             b = to_device(b, device)
             with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-                outs.append(forward(setup.model, b).float().cpu())
-    return torch.cat(outs).numpy()
+                outs.append(forward(setup.model, b).float())
+        return torch.cat(outs).cpu().numpy()
 
 
 def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
@@ -165,16 +175,48 @@ def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer
     return summarize(path, setup, seconds, n_todo, cfg.storage_options)
 
 
+class _Deferred:
+    """Future-like: the work runs in the caller's thread when its result is asked for."""
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+class _Inline:
+    """Executor stand-in for view preparation in the loop's own thread (see `_loop`)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args) -> _Deferred:
+        return _Deferred(fn, *args)
+
+
 def _loop(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo: list[int], bar) -> None:
-    """Teacher forward over the todo chunks. Views for the next chunks are prepared and
-    finished chunks are written in background threads, so data loading and cache writes
-    overlap the teacher's forward."""
+    """Teacher forward over the todo chunks. Finished chunks are written in a background
+    thread (numpy + store I/O), so cache writes overlap the teacher's forward.
+
+    Views for the next chunks are prepared in `workers` background threads (1 when 0) while
+    the teacher runs on an accelerator. On CPU with `workers` 0 they are prepared in this
+    thread, between forwards: the forward already keeps every intra-op thread busy, and torch
+    ops in a second thread start a second OpenMP team, after which libgomp throttles its
+    spin-waits (more managed threads than cores) and the forward itself runs ~10-15% slower
+    for the whole run; preparing a chunk inline costs ~2% (bench/precompute.py)."""
     spec = setup.spec
+    inline = rt.device.type == "cpu" and cfg.workers == 0
     workers = max(1, cfg.workers)
     batch_size = max(1, min(cfg.batch_size, spec.chunk_samples * spec.num_augs))
-    with ThreadPoolExecutor(workers) as prep, ThreadPoolExecutor(1) as io:
+    pin = rt.device.type == "cuda"
+    pool = _Inline() if inline else ThreadPoolExecutor(workers)
+    with pool as prep, ThreadPoolExecutor(1) as io:
         pending = [
-            prep.submit(prepare_chunk, setup, *writer.chunk_range(c), batch_size)
+            prep.submit(prepare_chunk, setup, *writer.chunk_range(c), batch_size, pin)
             for c in todo[: workers + 1]
         ]
         writes = []
@@ -183,7 +225,7 @@ def _loop(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo: list[i
             if j + workers + 1 < len(todo):
                 nxt = todo[j + workers + 1]
                 pending.append(
-                    prep.submit(prepare_chunk, setup, *writer.chunk_range(nxt), batch_size)
+                    prep.submit(prepare_chunk, setup, *writer.chunk_range(nxt), batch_size, pin)
                 )
             pending[j] = None
             logits = _teacher_logits(setup, batches, rt.device, cfg.amp)
