@@ -36,8 +36,19 @@ def test_cache_info_json_and_missing_path(tmp_path):
     res = cli("cache", "info", tmp_path / "nope.zarr", ok=False)
     assert res.exit_code == 2 and res.stderr.startswith("error: ")
     out = tmp_path / "c.zarr"
-    cli("precompute", "--teacher", "resnet8", "--dataset", "digits", "--max-samples", "10",
-        "--num-augs", "2", "--out", out)
+    cli(
+        "precompute",
+        "--teacher",
+        "resnet8",
+        "--dataset",
+        "digits",
+        "--max-samples",
+        "10",
+        "--num-augs",
+        "2",
+        "--out",
+        out,
+    )
     d = json.loads(cli("cache", "info", out, "--json").stdout)
     assert (d["n"], d["num_augs"], d["num_classes"], d["complete"]) == (10, 2, 10, True)
     assert d["spec"]["views"]["policy"] == "crop-flip" and len(d["key"]) == 64
