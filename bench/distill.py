@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import pickle
 import shutil
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import write_cifar100  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill.loop import BatchMaker, epoch_batches, prefetch_depth, train_epoch  # noqa: E402
 from distill.setup import build_run, make_optimizer  # noqa: E402
@@ -44,26 +44,6 @@ from precompute.run import run as precompute  # noqa: E402
 from precompute.runtime import init_runtime  # noqa: E402
 
 GOAL_CE, GOAL_IDEAL = 0.97, 0.95
-
-
-def write_cifar100(root: Path, n: int, seed: int = 0) -> None:
-    """Random uint8 images in CIFAR-100's python-pickle layout (train: n, test: 16)."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name, count in (("train", n), ("test", 16)):
-        labels = [int(v) for v in rng.integers(0, 100, count)]
-        data = {
-            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-            "fine_labels": labels,
-            "coarse_labels": [v // 5 for v in labels],
-            "filenames": [f"{name}_{i}.png" for i in range(count)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(data, f, protocol=4)
-    meta = {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": []}
-    with open(folder / "meta", "wb") as f:
-        pickle.dump(meta, f, protocol=4)
 
 
 class Mode:

@@ -22,7 +22,6 @@ long run converges to; whole = best whole pass. The goal is checked on steady.
 from __future__ import annotations
 
 import argparse
-import pickle
 import shutil
 import statistics
 import sys
@@ -30,38 +29,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import precompute.run as prun  # noqa: E402
+from bench.common import write_cifar100  # noqa: E402
 from precompute.config import PrecomputeConfig  # noqa: E402
 from precompute.models import create_model  # noqa: E402
 from precompute.runtime import resolve_device  # noqa: E402
 from precompute.setup import build_setup  # noqa: E402
 
 GOAL = 0.90
-
-
-def write_cifar100(root: Path, n: int, seed: int = 0) -> None:
-    """Random uint8 images in CIFAR-100's python-pickle layout (train: n, test: 16)."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name, count in (("train", n), ("test", 16)):
-        labels = [int(v) for v in rng.integers(0, 100, count)]
-        data = {
-            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-            "fine_labels": labels,
-            "coarse_labels": [v // 5 for v in labels],
-            "filenames": [f"{name}_{i}.png" for i in range(count)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(data, f, protocol=4)
-    meta = {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": []}
-    with open(folder / "meta", "wb") as f:
-        pickle.dump(meta, f, protocol=4)
 
 
 def config(args, root: Path, out: Path, weights: Path) -> PrecomputeConfig:

@@ -15,11 +15,11 @@ pytest.importorskip("moto.server")
 
 from cache.backends import backend_class, exists
 from cache.errors import KdcacheError
-from cache.share import copy_cache
 from cache.store import create_cache, open_cache
 from tests.clitools import cli
 from tests.s3tools import FAKE_ENV, http_requests, start_http, start_moto
 from tests.test_cache import KEYS, LABELS, LOGITS, VIEWS, make_spec, write
+from tests.test_share import interrupted_copy
 
 FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
 
@@ -59,21 +59,7 @@ def same_bytes(a, b) -> bool:
 def test_push_ls_pull_bit_identical_and_reads_never_write(s3, tmp_path, monkeypatch):
     src = write(tmp_path / "src.zarr", make_spec(compression="zstd"))
     url = "s3://team/alice/cifar/src.zarr"
-    from cache import share
-
-    calls = []
-    orig = share.CacheWriter.write_chunk_stored
-
-    def dying(self, c, *a):  # the push is interrupted after two chunks
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(c)
-        orig(self, c, *a)
-
-    monkeypatch.setattr(share.CacheWriter, "write_chunk_stored", dying)
-    with pytest.raises(KeyboardInterrupt):
-        copy_cache(src, url, progress=False)
-    monkeypatch.undo()
+    interrupted_copy(monkeypatch, src, url)
     info = json.loads(cli("cache", "info", url, "--json").output)
     assert (info["complete"], info["done_chunks"]) == (False, 2)  # never "complete" half-way
     res = cli("cache", "push", src, url, "--no-progress")

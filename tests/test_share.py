@@ -30,25 +30,30 @@ def err(res) -> str:
     return last
 
 
-@pytest.mark.parametrize("dst_suffix", [".zarr", ".h5"])
-def test_pull_is_bit_identical_resumable_and_repairs(tmp_path, dst_suffix, monkeypatch):
-    src = write(tmp_path / "src.zarr")
-    dst = tmp_path / f"dst{dst_suffix}"
+def interrupted_copy(monkeypatch, src: str, dst: str, after: int = 2) -> None:
+    """Run copy_cache and interrupt it (KeyboardInterrupt) after `after` chunks."""
     from cache import share
 
     calls = []
     orig = share.CacheWriter.write_chunk_stored
 
-    def dying(self, c, *a):  # the copy is interrupted after two chunks
-        if len(calls) == 2:
+    def dying(self, c, *a):
+        if len(calls) == after:
             raise KeyboardInterrupt
         calls.append(c)
         orig(self, c, *a)
 
     monkeypatch.setattr(share.CacheWriter, "write_chunk_stored", dying)
     with pytest.raises(KeyboardInterrupt):
-        copy_cache(src, str(dst), progress=False)
+        copy_cache(src, dst, progress=False)
     monkeypatch.undo()
+
+
+@pytest.mark.parametrize("dst_suffix", [".zarr", ".h5"])
+def test_pull_is_bit_identical_resumable_and_repairs(tmp_path, dst_suffix, monkeypatch):
+    src = write(tmp_path / "src.zarr")
+    dst = tmp_path / f"dst{dst_suffix}"
+    interrupted_copy(monkeypatch, src, str(dst))
     assert not dst.exists() and (tmp_path / f"dst.partial{dst_suffix}").exists()
     assert lockmod.read_lock(str(dst)) is None  # released on the way out
     res = cli("cache", "pull", src, dst, "--no-progress")
