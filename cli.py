@@ -243,6 +243,7 @@ def distill(**kw) -> None:
 @click.option("--split", default="test", help="Split to evaluate.")
 @click.option("--num-classes", default=None, type=int, help="Classes (default: checkpoint).")
 @click.option("--batch-size", default=256, type=int, help="Batch size.")
+@click.option("--image-size", default=None, type=int, help="Resize the eval view (rrc-flip runs).")
 @click.option("--device", default="auto", help="auto, cpu, cuda.")
 def evaluate(**kw) -> None:
     """Print the top-1 accuracy of a model on a dataset split."""

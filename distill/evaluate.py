@@ -15,6 +15,7 @@ def run_evaluate(
     split: str = "test",
     num_classes: int | None = None,
     batch_size: int = 256,
+    image_size: int | None = None,
     device: str = "auto",
 ) -> dict:
     """Load the model through the shared factory and print its accuracy."""
@@ -37,7 +38,8 @@ def run_evaluate(
         )
     if batch_size < 1:
         raise KdcacheError(f"--batch-size {batch_size} must be >= 1")
-    policy = get_policy("identity")
+    # the eval view of training: un-augmented, resized like rrc-flip's identity box
+    policy = get_policy("identity", size=image_size)
     ev = evaluate_model(net.to(dev), ds, policy, dev, batch_size=batch_size)
     acc = ev["correct"] / max(ev["n"], 1.0)
     out = {

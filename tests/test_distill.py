@@ -157,6 +157,18 @@ def test_distill_wsl_from_cache_writes_metrics_checkpoints_plots(cache, tmp_path
     best = torch.load(run / "best.pt", weights_only=True)
     ev = cli("evaluate", "--model", "resnet8", "--weights", run / "best.pt", "--dataset", "digits")
     assert f"top-1 {best['record']['test_acc']:.4f}" in ev.output
+    ev32 = cli(
+        "evaluate",
+        "--model",
+        "resnet8",
+        "--weights",
+        run / "best.pt",
+        "--dataset",
+        "digits",
+        "--image-size",
+        "32",
+    )
+    assert f"top-1 {best['record']['test_acc']:.4f}" in ev32.output  # digits are 32x32 already
 
 
 @pytest.mark.parametrize("loss", ["ce", "mrkd", "lsr", "tfkd-reg", "lsr-os-tc"])
