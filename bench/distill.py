@@ -38,10 +38,10 @@ from distill.config import DistillConfig  # noqa: E402
 from distill.loop import BatchMaker, epoch_batches, prefetch_depth, train_epoch  # noqa: E402
 from distill.setup import build_run, make_optimizer  # noqa: E402
 from distill.teachers import OnlineTeacher  # noqa: E402
+from models.factory import create_model  # noqa: E402
+from models.runtime import init_runtime  # noqa: E402
 from precompute.config import PrecomputeConfig  # noqa: E402
-from precompute.models import create_model  # noqa: E402
 from precompute.run import run as precompute  # noqa: E402
-from precompute.runtime import init_runtime  # noqa: E402
 
 GOAL_CE, GOAL_IDEAL = 0.97, 0.95
 

@@ -19,11 +19,11 @@ def run_evaluate(
     device: str = "auto",
 ) -> dict:
     """Load the model through the shared factory and print its accuracy."""
+    from data.datasets import load_dataset
+    from data.views import get_policy
     from distill.loop import evaluate_model
-    from precompute.datasets import load_dataset
-    from precompute.models import create_model
-    from precompute.runtime import resolve_device
-    from precompute.views import get_policy
+    from models.factory import create_model
+    from models.runtime import resolve_device
 
     dev = resolve_device(device)
     ds = load_dataset(dataset, root=data_root, split=split)

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from precompute.run import forward, to_device
-from precompute.setup import raw_batch
+from data.datasets import raw_batch
+from models.runtime import forward, to_device
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
@@ -56,7 +56,7 @@ class BatchMaker:
     def __call__(
         self, samples: np.ndarray, augs: np.ndarray, epoch: int, t_logits: np.ndarray | None = None
     ) -> dict:
-        from precompute.views import view_params_for
+        from data.views import view_params_for
 
         sl = slice(self.rank, None, self.world)
         samples, augs = samples[sl], augs[sl]

@@ -43,8 +43,8 @@ def _loss(cfg: DistillConfig):
 
 
 def _tokenize(ds, info: dict) -> None:
-    from precompute.models import load_tokenizer
-    from precompute.views import tokenize_texts
+    from data.views import tokenize_texts
+    from models.factory import load_tokenizer
 
     tok = load_tokenizer(info)
     ds.tokens = tokenize_texts(tok, ds.texts, info["preprocessing"]["max_length"])
@@ -52,7 +52,7 @@ def _tokenize(ds, info: dict) -> None:
 
 def _policy(cfg: DistillConfig, cache, info: dict, modality: str):
     """The cache's view policy (replayed), or --augment when training without a cache."""
-    from precompute.views import get_policy
+    from data.views import get_policy
 
     if cache is not None:  # the stored params rebuild the very policy the teacher saw
         name, kw = cache.spec.views["policy"], dict(cache.spec.views.get("params") or {})
@@ -61,7 +61,7 @@ def _policy(cfg: DistillConfig, cache, info: dict, modality: str):
         if modality == "text" and name not in ("identity", "token-mask"):
             name = "identity"
         if name == "token-mask":
-            from precompute.models import load_tokenizer
+            from models.factory import load_tokenizer
 
             kw["tokenizer"] = load_tokenizer(info)
         if name == "rrc-flip":
@@ -71,10 +71,10 @@ def _policy(cfg: DistillConfig, cache, info: dict, modality: str):
 
 def build_run(cfg: DistillConfig, rt) -> Run:
     """Everything is validated here, before a single step or file write."""
+    from data.datasets import load_dataset
     from distill.losses import regularization_samples
     from distill.teachers import CachedTeacher, MrKDTeacher, open_caches
-    from precompute.datasets import load_dataset
-    from precompute.models import create_model
+    from models.factory import create_model
 
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:

@@ -132,7 +132,7 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def logits(self, samples, augs, views) -> torch.Tensor:
-        from precompute.run import forward
+        from models.runtime import forward
 
         return forward(self.model, views).float()
 
@@ -158,7 +158,7 @@ class MrKDTeacher:
 
     @torch.no_grad()
     def logits(self, samples, augs, views) -> torch.Tensor | None:
-        from precompute.run import forward
+        from models.runtime import forward
 
         if not self.copies:
             return None

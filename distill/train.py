@@ -19,7 +19,7 @@ from distill.config import DistillConfig
 from distill.loop import BatchMaker, epoch_batches, evaluate_model, prefetch_depth, train_epoch
 from distill.metrics import MetricsLog
 from distill.setup import build_run, make_optimizer, make_scheduler
-from precompute.runtime import Runtime, barrier, init_runtime, shutdown
+from models.runtime import Runtime, barrier, init_runtime, shutdown
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ def replay_problems(cache, data_root: str | None) -> list[str]:
     """Recompute the stored view digests from the dataset and the stored params."""
     import torch
 
-    from precompute.datasets import load_dataset
-    from precompute.setup import raw_batch
-    from precompute.views import get_policy, tokenize_texts, view_digest
+    from data.datasets import load_dataset, raw_batch
+    from data.views import get_policy, tokenize_texts, view_digest
 
     spec = cache.spec
     digests = (cache.attrs.get("provenance") or {}).get("replay_digests") or []
@@ -29,7 +28,7 @@ def replay_problems(cache, data_root: str | None) -> list[str]:
     if ds.fingerprint() != spec.dataset["fingerprint"]:
         return [f"dataset at {data_root!r} does not match the cache's dataset fingerprint"]
     if ds.modality == "text":
-        from precompute.models import load_tokenizer
+        from models.factory import load_tokenizer
 
         tok = load_tokenizer({"modality": "text", **spec.teacher})
         ds.tokens = tokenize_texts(tok, ds.texts, spec.teacher["preprocessing"]["max_length"])

@@ -18,25 +18,20 @@ from tqdm import tqdm
 
 from cache.backends import backend_class, exists
 from cache.errors import KdcacheError
+from data.datasets import raw_batch
+from models.runtime import (
+    Runtime,
+    barrier,
+    broadcast_object,
+    forward,
+    init_runtime,
+    shutdown,
+    to_device,
+)
 from precompute.config import PrecomputeConfig
-from precompute.runtime import Runtime, barrier, broadcast_object, init_runtime, shutdown
-from precompute.setup import Setup, build_setup, raw_batch, resolve_out_path
+from precompute.setup import Setup, build_setup, resolve_out_path
 
 log = logging.getLogger(__name__)
-
-
-def forward(model: torch.nn.Module, batch) -> torch.Tensor:
-    """Teacher/student call for image tensors and tokenized text alike."""
-    if isinstance(batch, dict):
-        return model(batch["input_ids"], batch["attention_mask"])
-    return model(batch)
-
-
-def to_device(batch, device: torch.device):
-    """Move a view batch (tensor or dict of tensors) to the compute device."""
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True)
 
 
 def prepare_chunk(setup: Setup, start: int, stop: int, batch_size: int, pin: bool = False):

@@ -17,6 +17,7 @@ import torch
 
 from cache.errors import KdcacheError
 from cache.spec import CacheSpec
+from data.datasets import raw_batch
 from precompute.config import PrecomputeConfig
 
 SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
@@ -27,7 +28,7 @@ TEXT_POLICIES = ("identity", "token-mask")
 class Setup:
     """Everything a stage-1 run needs, resolved once."""
 
-    dataset: object  # precompute.datasets.RawDataset, with `images` or tokenized `tokens`
+    dataset: object  # data.datasets.RawDataset, with `images` or tokenized `tokens`
     model: torch.nn.Module
     info: dict
     policy: object
@@ -37,7 +38,7 @@ class Setup:
 
     def view_params(self, samples: np.ndarray) -> np.ndarray:
         """(B, A, P) params keyed only by (seed, sample, aug)."""
-        from precompute.views import view_params_for
+        from data.views import view_params_for
 
         v = self.spec.views
         return view_params_for(self.policy, v["seed"], samples, v["num_augs"], v["identity_view"])
@@ -59,14 +60,6 @@ class Setup:
         }
 
 
-def raw_batch(dataset, samples: np.ndarray):
-    """Raw inputs of `samples`: token ids once a text dataset is tokenized, else images."""
-    tokens = getattr(dataset, "tokens", None)
-    if tokens is not None:
-        return tokens[torch.from_numpy(np.asarray(samples, dtype=np.int64))]
-    return dataset.get(samples)
-
-
 def _version(package: str) -> str | None:
     """Installed version without importing the package (timm pulls in torchvision: seconds)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -86,7 +79,7 @@ def _user() -> str:
 
 def replay_digests(setup: Setup, count: int = 3) -> list[dict]:
     """Hashes of a few view tensors, so `cache verify --replay` can prove replay."""
-    from precompute.views import view_digest
+    from data.views import view_digest
 
     n, a = setup.spec.n, setup.spec.num_augs
     picks = sorted({(0, 0), (n - 1, a - 1), (n // 2, min(1, a - 1))})[:count]
@@ -113,9 +106,9 @@ def _num_classes_arg(cfg: PrecomputeConfig, dataset) -> int | None:
 
 def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Setup:
     """Validate options early (before anything is written) and resolve the spec."""
-    from precompute.datasets import load_dataset
-    from precompute.models import create_model
-    from precompute.views import get_policy
+    from data.datasets import load_dataset
+    from data.views import get_policy
+    from models.factory import create_model
 
     _check_options(cfg)
     dataset = load_dataset(
@@ -144,8 +137,8 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
                 f"--augment {cfg.augment!r} is not a text policy; "
                 f"expected one of {', '.join(TEXT_POLICIES)}"
             )
-        from precompute.models import load_tokenizer
-        from precompute.views import tokenize_texts
+        from data.views import tokenize_texts
+        from models.factory import load_tokenizer
 
         tok = load_tokenizer(info)
         dataset.tokens = tokenize_texts(tok, dataset.texts, info["preprocessing"]["max_length"])

@@ -7,7 +7,7 @@ import torch
 
 from cache.errors import KdcacheError
 from cache.spec import dataset_fingerprint
-from precompute.datasets import RawDataset, load_dataset
+from data.datasets import RawDataset, load_dataset
 from tests.conftest import cifar_arrays
 
 

@@ -29,7 +29,7 @@ TRAIN = [
 
 
 def _weights(tmp_path, name="resnet8", seed=0) -> str:
-    from precompute.models import create_model
+    from models.factory import create_model
 
     torch.manual_seed(seed)
     model, _ = create_model(name, num_classes=10)
@@ -84,8 +84,8 @@ def test_caching_changes_nothing_but_speed(cache, tmp_path):
     from distill.loop import BatchMaker, epoch_batches, train_epoch
     from distill.setup import build_run, make_optimizer
     from distill.teachers import OnlineTeacher
-    from precompute.models import create_model
-    from precompute.runtime import init_runtime
+    from models.factory import create_model
+    from models.runtime import init_runtime
 
     rt = init_runtime("cpu")
     cfg = DistillConfig(
@@ -209,7 +209,7 @@ def test_resume_continues_bit_identically(cache, tmp_path):
 def test_ensemble_teacher_view_mean_and_views_all(cache, cache_dir):
     from distill.config import DistillConfig
     from distill.setup import build_run
-    from precompute.runtime import init_runtime
+    from models.runtime import init_runtime
 
     other = _cache(cache_dir, "other.zarr", weight_seed=1)
     rt = init_runtime("cpu")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cache.errors import KdcacheError
-from precompute.models import create_model, load_tokenizer, model_input_size
-from precompute.views import get_policy, tokenize_texts
+from data.views import get_policy, tokenize_texts
+from models.factory import create_model, load_tokenizer, model_input_size
 
 
 def _count(model: torch.nn.Module) -> int:

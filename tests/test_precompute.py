@@ -20,7 +20,7 @@ DIGITS = ["--dataset", "digits", "--teacher", "resnet8", "--num-augs", "2"]
 
 
 def _save_weights(tmp_path, name: str, num_classes: int) -> str:
-    from precompute.models import create_model
+    from models.factory import create_model
 
     torch.manual_seed(0)
     model, _ = create_model(name, num_classes=num_classes)
@@ -52,9 +52,9 @@ def _same_bytes(a: str, b: str) -> None:
 
 def test_resnet34_cache_is_the_teacher_on_the_replayed_views(tmp_path, make_cifar):
     """Real timm resnet34 on CIFAR pickles: cached logits == teacher(view(params))."""
-    from precompute.datasets import load_dataset
-    from precompute.models import create_model
-    from precompute.views import get_policy
+    from data.datasets import load_dataset
+    from data.views import get_policy
+    from models.factory import create_model
 
     root = make_cifar("cifar10", n_train=12, n_test=4)
     weights = _save_weights(tmp_path, "resnet34", 5)
@@ -311,7 +311,7 @@ def test_text_teacher_with_token_mask(tmp_path, make_text_file, tiny_bert_dir):
 
 
 def _nan_weights(tmp_path) -> str:
-    from precompute.models import create_model
+    from models.factory import create_model
 
     model, _ = create_model("resnet8", num_classes=10)
     sd = model.state_dict()

@@ -164,7 +164,7 @@ def test_distill_reads_sparse_and_multi_teacher_caches(tmp_path):
     """Stage 2 on a sampled cache and on a merged two-teacher store (ensembled)."""
     from distill.config import DistillConfig
     from distill.setup import build_run
-    from precompute.runtime import init_runtime
+    from models.runtime import init_runtime
     from tests.test_distill import TRAIN, _cache
 
     a = _cache(tmp_path, "a.zarr", n=32, extra=("--topk", "4"))

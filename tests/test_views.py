@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.errors import KdcacheError
-from precompute.views import (
+from data.views import (
     _sample_key,
     get_policy,
     philox_uniforms,

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from cache.errors import KdcacheError
-from precompute.cifar_zoo import CIFAR100_MEAN, CIFAR100_STD, CIFAR_MODELS, create_cifar_model
-from precompute.weights import (
+from models.cifar_zoo import CIFAR100_MEAN, CIFAR100_STD, CIFAR_MODELS, create_cifar_model
+from models.weights import (
     first_line,
     load_matching,
     load_weights_into,
@@ -77,7 +77,7 @@ def create_model(
         raise KdcacheError("give either pretrained=True or weights=PATH, not both")
     state = read_weights(weights) if weights else None
     if name.startswith("hf:"):
-        from precompute.hf_models import create_hf_model
+        from models.hf import create_hf_model
 
         return create_hf_model(name, name[3:], num_classes, state, weights, kw)
     if name.startswith("tv:"):
@@ -125,7 +125,7 @@ def create_model(
 
 def load_tokenizer(info: dict):
     """The tokenizer recorded in a text model's info (``preprocessing.tokenizer``)."""
-    from precompute.hf_models import load_hf_tokenizer
+    from models.hf import load_hf_tokenizer
 
     if info.get("modality") != "text":
         raise KdcacheError(f"model {info.get('name')!r} is not a text model; it has no tokenizer")

@@ -14,8 +14,8 @@ import os
 from torch import nn
 
 from cache.errors import KdcacheError
-from precompute.models import DEFAULT_TEXT_MAX_LENGTH, TextClassifier
-from precompute.weights import (
+from models.factory import DEFAULT_TEXT_MAX_LENGTH, TextClassifier
+from models.weights import (
     WeightsFile,
     first_line,
     load_weights_into,

@@ -83,3 +83,17 @@ def shutdown(rt: Runtime) -> None:
     """Leave the process group so torchrun exits cleanly."""
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def forward(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Teacher/student call for image tensors and tokenized text alike."""
+    if isinstance(batch, dict):
+        return model(batch["input_ids"], batch["attention_mask"])
+    return model(batch)
+
+
+def to_device(batch, device: torch.device):
+    """Move a view batch (tensor or dict of tensors) to the compute device."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)

@@ -1,6 +1,6 @@
 """Raw, un-augmented datasets held in RAM: uint8 images ``(N,3,H,W)`` or texts.
 
-Views (``precompute.views``) run batched on these tensors, so all images of one dataset share
+Views (``data.views``) run batched on these tensors, so all images of one dataset share
 one raw size: CIFAR and digits are 32x32; an image folder is decoded once and resized to
 ``image_size`` (default 64) — choose it >= the largest view you will cut from it.
 Keys are stable strings (``cifar100/train/00042``, relative file paths, text ids) and, with the
@@ -284,3 +284,11 @@ def _load_text(name: str, root, split: str, download: bool, **kw) -> RawDataset:
         raise KdcacheError(f"{str(path)!r} has duplicate ids; keys must be unique")
     texts = [str(r["text"]) for r in rows]
     return RawDataset(name, split, keys, labels, num_classes, "text", None, texts, classes)
+
+
+def raw_batch(dataset, samples: np.ndarray):
+    """Raw inputs of `samples`: token ids once a text dataset is tokenized, else images."""
+    tokens = getattr(dataset, "tokens", None)
+    if tokens is not None:
+        return tokens[torch.from_numpy(np.asarray(samples, dtype=np.int64))]
+    return dataset.get(samples)
