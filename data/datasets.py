@@ -1,39 +1,36 @@
-"""Raw, un-augmented datasets held in RAM: uint8 images ``(N,3,H,W)`` or texts.
+"""Dataset sources, one registry: ``SOURCES`` (``@register_source``), and ``load_dataset``.
 
-Views (``data.views``) run batched on these tensors, so all images of one dataset share
-one raw size: CIFAR and digits are 32x32; an image folder is decoded once and resized to
-``image_size`` (default 64) — choose it >= the largest view you will cut from it.
-Keys are stable strings (``cifar100/train/00042``, relative file paths, text ids) and, with the
-labels, make the dataset fingerprint stored in a cache spec. CIFAR files are read with
-torchvision's own classes but without its md5 check (present files suffice), so re-packed
-copies and test fixtures load too.
+Small datasets stay in RAM as uint8 tensors (``cifar10``, ``cifar100``, ``digits``: 32x32,
+the fast batched view path); everything else streams (``imagefolder``, ``hfds:``, ``wds:``,
+``text``): keys and labels are listed up front (they make the dataset fingerprint of a cache
+spec), samples are decoded one at a time at native resolution when a view is cut from them.
+CIFAR files are read with torchvision's own classes but without its md5 check (present files
+suffice), so re-packed copies and test fixtures load too.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cache.errors import KdcacheError
 from cache.spec import dataset_fingerprint
+from data.base import lookup, missing_split, registry_decorator
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "text")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SOURCES: dict = {}
+register_source = registry_decorator(SOURCES, "dataset source")
 
 
 @dataclass
 class RawDataset:
-    """Raw samples in RAM; ``get`` returns a raw batch for a view policy."""
+    """An in-RAM image dataset (uint8 ``(N,3,H,W)``); ``get`` returns a batch for a view
+    policy, ``load`` one sample as an RGB PIL image (for per-sample policies)."""
 
     name: str
     split: str
@@ -44,6 +41,7 @@ class RawDataset:
     images: torch.Tensor | None = None
     texts: list[str] | None = None
     classes: list[str] | None = field(default=None)
+    in_ram = True
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -67,6 +65,20 @@ class RawDataset:
             return [self.texts[i] for i in idx]
         return self.images[torch.from_numpy(idx)]
 
+    def load(self, i: int):
+        if self.modality == "text":
+            return self.texts[int(i)]
+        from PIL import Image
+
+        return Image.fromarray(self.images[int(i)].permute(1, 2, 0).numpy())
+
+    def head(self, n: int) -> None:
+        self.keys, self.labels = self.keys[:n], self.labels[:n]
+        if self.images is not None:
+            self.images = self.images[:n].clone()
+        if self.texts is not None:
+            self.texts = self.texts[:n]
+
 
 def load_dataset(
     name: str,
@@ -75,41 +87,28 @@ def load_dataset(
     download: bool = False,
     max_samples: int | None = None,
     **kw,
-) -> RawDataset:
-    """Load ``name`` (cifar10|cifar100|imagefolder|digits|text) into RAM.
+):
+    """Open source ``name`` (a ``SOURCES`` key; ``hfds:PATH``/``wds:URL`` carry their path).
 
     ``max_samples`` keeps the first N samples (keys keep their original indices).
-    kw: ``image_size`` and ``resize`` ("squash"|"center-crop") for imagefolder,
-    ``num_classes``/``classes`` for text.
+    kw by source: ``image_column``/``text_column``/``label_column`` (hfds), ``classes`` /
+    ``num_classes`` (text), ``storage_options`` (wds over fsspec).
     """
-    loaders = {
-        "cifar10": _load_cifar,
-        "cifar100": _load_cifar,
-        "imagefolder": _load_imagefolder,
-        "digits": _load_digits,
-        "text": _load_text,
-    }
-    if name not in loaders:
-        raise KdcacheError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
-    ds = loaders[name](name, root, split, download, **kw)
+    _register_streaming()
+    factory = lookup(SOURCES, name, "dataset")
+    ds = factory(name, root, split, download, **kw)
     if max_samples is not None and max_samples < len(ds):
-        ds = _head(ds, max_samples)
-    log.info("loaded %s/%s: %d samples, %d classes", name, split, len(ds), ds.num_classes)
+        ds.head(max_samples)
+    log.info("opened %s/%s: %d samples, %d classes", name, split, len(ds), ds.num_classes)
     return ds
 
 
-def _head(ds: RawDataset, n: int) -> RawDataset:
-    return RawDataset(
-        ds.name,
-        ds.split,
-        ds.keys[:n],
-        ds.labels[:n],
-        ds.num_classes,
-        ds.modality,
-        None if ds.images is None else ds.images[:n].clone(),
-        None if ds.texts is None else ds.texts[:n],
-        ds.classes,
-    )
+def _register_streaming() -> None:
+    """The streaming sources live in their own modules; importing them registers them."""
+    import data.hfds  # noqa: F401
+    import data.imagefolder  # noqa: F401
+    import data.text  # noqa: F401
+    import data.wds  # noqa: F401
 
 
 def _default_root(root) -> str:
@@ -118,9 +117,11 @@ def _default_root(root) -> str:
 
 def _check_split(name: str, split: str, allowed=("train", "test")) -> None:
     if split not in allowed:
-        raise KdcacheError(f"{name} has splits {', '.join(allowed)}, not {split!r}")
+        raise missing_split(name, split, list(allowed))
 
 
+@register_source("cifar100", help="CIFAR-100 python pickles under --data-root (in RAM)")
+@register_source("cifar10", help="CIFAR-10 python pickles under --data-root (in RAM)")
 def _load_cifar(name: str, root, split: str, download: bool, **kw) -> RawDataset:
     import torchvision
 
@@ -151,6 +152,7 @@ def _load_cifar(name: str, root, split: str, download: bool, **kw) -> RawDataset
     return RawDataset(name, split, keys, labels, n_cls, "image", images, None, list(tv.classes))
 
 
+@register_source("digits", help="sklearn's bundled 8x8 digits, upscaled to 32x32 (in RAM)")
 def _load_digits(name: str, root, split: str, download: bool, **kw) -> RawDataset:
     """sklearn's bundled 8x8 digits, x4 nearest upscale to 32x32 RGB; test = index % 5 == 4."""
     from sklearn.datasets import load_digits
@@ -167,128 +169,3 @@ def _load_digits(name: str, root, split: str, download: bool, **kw) -> RawDatase
     return RawDataset(
         name, split, keys, labels, 10, "image", images, None, [str(c) for c in range(10)]
     )
-
-
-def _load_imagefolder(name: str, root, split: str, download: bool, **kw) -> RawDataset:
-    """root/<split>/<class>/* if root/<split> exists, else root/<class>/*; keys relative to root."""
-    if root is None:
-        raise KdcacheError(
-            "imagefolder needs --root DIR (DIR/<class>/*.png or DIR/<split>/<class>/...)"
-        )
-    root_p = Path(root)
-    base = root_p / split if (root_p / split).is_dir() else root_p
-    if not base.is_dir():
-        raise KdcacheError(f"image folder {str(root_p)!r} does not exist")
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-    files: list[tuple[Path, int]] = []
-    for c, cls in enumerate(classes):
-        for p in sorted((base / cls).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-                files.append((p, c))
-    if not files:
-        raise KdcacheError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(base)!r}/<class>/"
-        )
-    files.sort(key=lambda fc: fc[0].relative_to(root_p).as_posix())
-    size = int(kw.get("image_size", 64))
-    mode = kw.get("resize", "squash")
-    if mode not in ("squash", "center-crop"):
-        raise KdcacheError(f"resize must be 'squash' or 'center-crop', not {mode!r}")
-    workers = int(kw.get("num_workers", min(8, os.cpu_count() or 1)))
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        arrays = list(pool.map(lambda fc: _decode(fc[0], size, mode), files))
-    images = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
-    keys = [p.relative_to(root_p).as_posix() for p, _ in files]
-    labels = np.asarray([c for _, c in files], dtype=np.int64)
-    return RawDataset(name, split, keys, labels, len(classes), "image", images, None, classes)
-
-
-def _decode(path: Path, size: int, mode: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if mode == "center-crop":
-                w, h = im.size
-                s = min(w, h)
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    except OSError as e:
-        raise KdcacheError(f"cannot decode image {str(path)!r}: {e}") from e
-
-
-def _text_files(root, split: str) -> tuple[Path, list[Path]]:
-    if root is None:
-        raise KdcacheError("text needs --root FILE.jsonl|FILE.csv or a DIR with <split>.jsonl|csv")
-    p = Path(root)
-    if p.is_file():
-        return p, [p]
-    for ext in (".jsonl", ".csv"):
-        if (p / f"{split}{ext}").is_file():
-            siblings = sorted(q for q in p.iterdir() if q.suffix in (".jsonl", ".csv"))
-            return p / f"{split}{ext}", siblings
-    raise KdcacheError(f"no {split}.jsonl or {split}.csv under {str(p)!r}")
-
-
-def _read_rows(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            if path.suffix == ".csv":
-                rows = list(csv.DictReader(f))
-            else:
-                rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise KdcacheError(f"cannot read {str(path)!r}: {e}") from e
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or "text" not in r or "label" not in r:
-            raise KdcacheError(f"{str(path)!r} row {i} lacks a 'text' or 'label' field")
-    return rows
-
-
-def _as_int(v) -> int | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v)
-    return None
-
-
-def _load_text(name: str, root, split: str, download: bool, **kw) -> RawDataset:
-    """Rows with text + label (int, or string mapped to sorted classes over all split files)."""
-    path, siblings = _text_files(root, split)
-    rows = _read_rows(path)
-    ints = [_as_int(r["label"]) for r in rows]
-    classes = kw.get("classes")
-    if classes is None and all(v is not None for v in ints):
-        labels = np.asarray(ints, dtype=np.int64)
-        num_classes = int(kw.get("num_classes") or (labels.max() + 1 if len(labels) else 0))
-    else:
-        if classes is None:
-            every = {str(r["label"]) for f in siblings for r in _read_rows(f)}
-            classes = sorted(every)
-        index = {c: i for i, c in enumerate(classes)}
-        missing = sorted({str(r["label"]) for r in rows} - set(index))
-        if missing:
-            raise KdcacheError(
-                f"labels {missing[:5]} of {str(path)!r} are not in classes {classes}"
-            )
-        labels = np.asarray([index[str(r["label"])] for r in rows], dtype=np.int64)
-        num_classes = len(classes)
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise KdcacheError(f"labels of {str(path)!r} must lie in [0, {num_classes})")
-    keys = [str(r["id"]) if r.get("id") not in (None, "") else str(i) for i, r in enumerate(rows)]
-    if len(set(keys)) != len(keys):
-        raise KdcacheError(f"{str(path)!r} has duplicate ids; keys must be unique")
-    texts = [str(r["text"]) for r in rows]
-    return RawDataset(name, split, keys, labels, num_classes, "text", None, texts, classes)
-
-
-def raw_batch(dataset, samples: np.ndarray):
-    """Raw inputs of `samples`: token ids once a text dataset is tokenized, else images."""
-    tokens = getattr(dataset, "tokens", None)
-    if tokens is not None:
-        return tokens[torch.from_numpy(np.asarray(samples, dtype=np.int64))]
-    return dataset.get(samples)

@@ -1,55 +1,72 @@
-"""Seeded view policies, applied batched on raw tensors.
+"""Seeded view policies, one registry: ``POLICIES`` (``@register_policy``).
 
-A policy turns uniforms into parameters (``from_uniforms``: vectorized, pure) and applies
-parameters to a raw batch (``apply``: batched, deterministic). ``view_params_for`` draws the
-uniforms of sample ``i`` from ``Generator(Philox(key=(seed << 64) | i))``: aug ``a`` takes the
-stream's numbers ``[a*K, (a+1)*K)`` (K = ``num_uniforms``), so params depend only on
-``(seed, i, a)`` — not on the batch, its order, the number of augs, workers or world size.
-Stage 2 replays the *stored* params, so an RNG change in numpy cannot break replay.
+A policy turns uniforms into parameters (``from_uniforms``: vectorized, pure; policies with
+``needs_size`` also take the original image size, drawn after decoding, in the loader's
+worker) and cuts the view from the original sample: ``view(img, params)`` per sample (an RGB
+PIL image at native size -> uint8 ``(3,h,w)``), or ``apply(batch, params)`` batched on same-size
+in-RAM uint8 tensors / token ids (``batched``). ``view_params_for`` draws the uniforms of
+sample ``i`` from ``Generator(Philox(key=(seed << 64) | i))``: aug ``a`` takes the stream's
+numbers ``[a*K, (a+1)*K)`` (K = ``num_uniforms``), so params depend only on ``(seed, i, a)``
+(and the image size) — not on the batch, its order, the number of augs, workers or world
+size. Stage 2 replays the *stored* params, so an RNG change in numpy cannot break replay.
 
-Param layouts (float32):
-  identity   (0,)                       P=1
+``view_params`` layouts (float32, ``param_names`` of each policy; README "Views"):
+  identity   (unused,)                  always 0
   crop-flip  (dx, dy, flip)             offsets into the zero-padded image, dx,dy in [0, 2*pad]
-  rrc-flip   (top, left, h, w, flip)    box as fractions of the raw image, flip in {0,1}
+  rrc-flip   (top, left, h, w, flip)    box as fractions of the original image (pixels =
+                                        round(fraction * H or W)); h = w = 0: the eval view
   token-mask (seed,)                    integer < 2**24 (exact in float32); -1 = no masking
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cache.errors import KdcacheError
+from data.base import lookup, registry_decorator
+from data.transforms import crop_resize, eval_transform, rrc_boxes
 
 _U64 = (1 << 64) - 1
+POLICIES: dict = {}
+register_policy = registry_decorator(POLICIES, "view policy")
 
 
-class ViewPolicy:
-    """Base class: ``name``, ``param_dim``, ``params`` (json-able constructor kwargs)."""
+class ViewPolicyBase:
+    """Shared plumbing; ``params`` are the json-able constructor kwargs (in the spec key)."""
 
     name = "base"
-    param_dim = 1
+    modality = "any"
+    param_names: tuple[str, ...] = ("unused",)
     num_uniforms = 1
+    needs_size = False
+    batched = True
 
     def __init__(self, **params) -> None:
         self.params = params
 
-    def from_uniforms(self, u: np.ndarray) -> np.ndarray:
-        """(..., K) uniforms in [0,1) -> (..., P) float32 params."""
+    @property
+    def param_dim(self) -> int:
+        return len(self.param_names)
+
+    def from_uniforms(self, u: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
+        """(..., K) uniforms in [0,1) (+ (..., 2) original sizes) -> (..., P) float32."""
         raise NotImplementedError
 
-    def sample_params(self, rng: np.random.Generator) -> np.ndarray:
-        return self.from_uniforms(rng.random(self.num_uniforms))
+    def sample_params(self, rng: np.random.Generator, size=None) -> np.ndarray:
+        return self.from_uniforms(rng.random(self.num_uniforms), size)
 
     def identity_params(self) -> np.ndarray:
         """Params of the un-augmented (eval) view."""
         raise NotImplementedError
 
     def apply(self, raw_batch, params: torch.Tensor):
+        raise NotImplementedError
+
+    def view(self, img, params: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -82,15 +99,38 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=s, mode="bilinear", align_corners=False)
 
 
-class Identity(ViewPolicy):
-    """Eval view: images -> float [0,1] (resized to ``size`` if given); text -> ids + mask."""
+def _eval_kw(eval_cfg) -> dict | None:
+    if eval_cfg is None:
+        return None
+    size = _size2(eval_cfg.get("size") or 224)
+    return {
+        "size": list(size),
+        "crop_pct": float(eval_cfg.get("crop_pct", 1.0)),
+        "interpolation": str(eval_cfg.get("interpolation", "bilinear")),
+    }
+
+
+def eval_view(img, ev: dict) -> torch.Tensor:
+    """The teacher's eval transform (``eval`` params of a policy) on one original image."""
+    return eval_transform(img, ev["size"], ev["crop_pct"], ev["interpolation"])
+
+
+@register_policy("identity", help="the eval view: the teacher's resize + center crop (or text)")
+class Identity(ViewPolicyBase):
+    """Eval view. With ``eval`` (size, crop_pct, interpolation: the teacher's data config) it
+    is timm's eval transform on the original image; without it, in-RAM images -> float [0,1]
+    (resized to ``size`` if given) and text -> ids + mask."""
 
     name = "identity"
 
-    def __init__(self, size=None, pad_id: int = 0) -> None:
-        super().__init__(size=list(_size2(size)) if size is not None else None, pad_id=int(pad_id))
+    def __init__(self, size=None, pad_id: int = 0, eval=None) -> None:  # noqa: A002
+        kw = {"size": list(_size2(size)) if size is not None else None, "pad_id": int(pad_id)}
+        if eval is not None:
+            kw["eval"] = _eval_kw(eval)
+        super().__init__(**kw)
+        self.batched = eval is None
 
-    def from_uniforms(self, u: np.ndarray) -> np.ndarray:
+    def from_uniforms(self, u: np.ndarray, sizes=None) -> np.ndarray:
         return np.zeros(u.shape[:-1] + (1,), dtype=np.float32)
 
     def identity_params(self) -> np.ndarray:
@@ -101,18 +141,33 @@ class Identity(ViewPolicy):
             return text_inputs(raw_batch, self.params["pad_id"])
         return resize(to_float(raw_batch), self.params["size"])
 
+    def view(self, img, params=None) -> torch.Tensor:
+        if "eval" in self.params:
+            return eval_view(img, self.params["eval"])
+        import torchvision.transforms.functional as TF
 
-class CropFlip(ViewPolicy):
-    """CIFAR augmentation: zero-pad ``pad``, random crop of the raw size, horizontal flip."""
+        x = TF.pil_to_tensor(img)
+        size = self.params["size"]
+        return x if size is None else TF.resize(x, size, antialias=True)
+
+
+@register_policy("crop-flip", help="CIFAR: zero-pad, random crop of the raw size, h-flip")
+class CropFlip(ViewPolicyBase):
+    """CIFAR augmentation: zero-pad ``pad``, random crop of the raw size, horizontal flip.
+    On a native-resolution source the view is cut from the eval-transformed image (``eval``)."""
 
     name = "crop-flip"
-    param_dim = 3
+    modality = "image"
+    param_names = ("dx", "dy", "flip")
     num_uniforms = 3
 
-    def __init__(self, pad: int = 4, size=None) -> None:
-        super().__init__(pad=int(pad), size=list(_size2(size)) if size is not None else None)
+    def __init__(self, pad: int = 4, size=None, eval=None) -> None:  # noqa: A002
+        kw = {"pad": int(pad), "size": list(_size2(size)) if size is not None else None}
+        if eval is not None:
+            kw["eval"] = _eval_kw(eval)
+        super().__init__(**kw)
 
-    def from_uniforms(self, u: np.ndarray) -> np.ndarray:
+    def from_uniforms(self, u: np.ndarray, sizes=None) -> np.ndarray:
         n = 2 * self.params["pad"] + 1
         out = np.empty(u.shape[:-1] + (3,), dtype=np.float32)
         out[..., :2] = np.minimum(np.floor(u[..., :2] * n), n - 1)
@@ -123,8 +178,8 @@ class CropFlip(ViewPolicy):
         p = self.params["pad"]
         return np.array([p, p, 0], dtype=np.float32)
 
-    def apply(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """One padded tensor + a flat gather (no per-image loop)."""
+    def _crop(self, raw_batch: torch.Tensor, params) -> torch.Tensor:
+        """One padded tensor + a flat gather (no per-image loop); uint8 in, uint8 out."""
         b, c, h, w = raw_batch.shape
         pad = self.params["pad"]
         params = torch.as_tensor(params).reshape(b, 3)
@@ -137,78 +192,80 @@ class CropFlip(ViewPolicy):
         cols = torch.where(flip[:, None], w - 1 - xs, xs) + dx[:, None]  # (B, W)
         rows = torch.arange(h)[None, :] + dy[:, None]  # (B, H)
         idx = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
-        out = torch.gather(padded, 2, idx).reshape(b, c, h, w)
-        return resize(to_float(out), self.params["size"])
+        return torch.gather(padded, 2, idx).reshape(b, c, h, w)
+
+    def apply(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        return resize(to_float(self._crop(raw_batch, params)), self.params["size"])
+
+    def view(self, img, params) -> torch.Tensor:
+        import torchvision.transforms.functional as TF
+
+        ev = self.params.get("eval")
+        x = eval_view(img, ev) if ev else TF.pil_to_tensor(img)
+        out = self._crop(x[None], torch.as_tensor(np.asarray(params, dtype=np.float32)))[0]
+        size = self.params["size"]
+        return out if size is None or ev else TF.resize(out, size, antialias=True)
 
 
-class RandomResizedCropFlip(ViewPolicy):
-    """torchvision-style RandomResizedCrop (+ h-flip) with a relative box, via grid_sample.
-
-    Box sampling follows torchvision on a unit square (aspect ratios relative to the raw image):
-    10 attempts of (area ~ U(scale), log-ratio ~ U(log ratio)), first that fits wins, else the
-    full image (the center fallback for a square image with 1 in ratio). Output is ``size``.
-    """
+@register_policy(
+    "rrc-flip", help="ImageNet: torchvision RandomResizedCrop + h-flip on the original"
+)
+class RandomResizedCropFlip(ViewPolicyBase):
+    """torchvision ``RandomResizedCrop(size, scale, ratio)`` + ``RandomHorizontalFlip`` on the
+    original image: the box is drawn exactly like ``get_params`` on the original (H, W) from
+    Philox uniforms, stored as fractions, and replayed as crop + resize (PIL, antialiased,
+    ``interpolation``) of the original. The identity view (h = w = 0) is ``eval``: the
+    teacher's resize + center crop to ``size``."""
 
     name = "rrc-flip"
-    param_dim = 5
+    modality = "image"
+    param_names = ("top", "left", "h", "w", "flip")
     attempts = 10
-    num_uniforms = 4 * attempts + 1
+    num_uniforms = 2 * attempts + 3
+    needs_size = True
+    batched = False
 
-    def __init__(self, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> None:
+    def __init__(self, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 interpolation: str = "bilinear", eval=None) -> None:  # noqa: A002  # fmt: skip
+        size = list(_size2(size))
         super().__init__(
-            size=list(_size2(size)) if size is not None else None,
+            size=size,
             scale=[float(v) for v in scale],
             ratio=[float(v) for v in ratio],
+            interpolation=str(interpolation),
+            eval=_eval_kw(eval or {"size": size, "crop_pct": 1.0, "interpolation": interpolation}),
         )
 
-    def from_uniforms(self, u: np.ndarray) -> np.ndarray:
-        lead = u.shape[:-1]
-        a = u[..., : 4 * self.attempts].reshape(lead + (self.attempts, 4))
-        s0, s1 = self.params["scale"]
-        lr0, lr1 = math.log(self.params["ratio"][0]), math.log(self.params["ratio"][1])
-        area = s0 + (s1 - s0) * a[..., 0]
-        ratio = np.exp(lr0 + (lr1 - lr0) * a[..., 1])
-        w = np.sqrt(area * ratio)
-        h = np.sqrt(area / ratio)
-        ok = (w <= 1.0) & (h <= 1.0)
-        first = np.argmax(ok, axis=-1)[..., None]
-        any_ok = ok.any(axis=-1)
-        pick = lambda v: np.take_along_axis(v, first, axis=-1)[..., 0]  # noqa: E731
-        h, w = pick(h), pick(w)
-        top, left = pick(a[..., 2]) * (1.0 - h), pick(a[..., 3]) * (1.0 - w)
-        r0, r1 = self.params["ratio"]
-        fh = np.where(r0 > 1, 1 / r0, 1.0)  # fallback: center crop with clamped ratio
-        fw = np.where(r1 < 1, r1, 1.0)
-        out = np.empty(lead + (5,), dtype=np.float32)
-        out[..., 0] = np.where(any_ok, top, (1 - fh) / 2)
-        out[..., 1] = np.where(any_ok, left, (1 - fw) / 2)
-        out[..., 2] = np.where(any_ok, h, fh)
-        out[..., 3] = np.where(any_ok, w, fw)
+    def from_uniforms(self, u: np.ndarray, sizes=None) -> np.ndarray:
+        if sizes is None:
+            raise KdcacheError("rrc-flip draws its box on the original image size; none given")
+        p = self.params
+        top, left, h, w = rrc_boxes(u, sizes, p["scale"], p["ratio"], self.attempts)
+        hh = np.broadcast_to(np.asarray(sizes, dtype=np.float64)[..., 0], top.shape)
+        ww = np.broadcast_to(np.asarray(sizes, dtype=np.float64)[..., 1], top.shape)
+        out = np.empty(u.shape[:-1] + (5,), dtype=np.float32)
+        out[..., 0], out[..., 1] = top / hh, left / ww
+        out[..., 2], out[..., 3] = h / hh, w / ww
         out[..., 4] = u[..., -1] < 0.5
         return out
 
     def identity_params(self) -> np.ndarray:
-        return np.array([0, 0, 1, 1, 0], dtype=np.float32)
+        return np.zeros(5, dtype=np.float32)
 
-    def apply(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        x = to_float(raw_batch)
-        b = x.shape[0]
-        oh, ow = _size2(self.params["size"]) or tuple(x.shape[-2:])
-        p = torch.as_tensor(params, dtype=torch.float32).reshape(b, 5)
-        fy = (torch.arange(oh, dtype=torch.float32) + 0.5) / oh  # (oh,)
-        fx = (torch.arange(ow, dtype=torch.float32) + 0.5) / ow
-        fx = torch.where(p[:, 4:5] > 0.5, 1.0 - fx, fx)  # (B, ow)
-        gy = 2.0 * (p[:, 0:1] + p[:, 2:3] * fy) - 1.0  # (B, oh)
-        gx = 2.0 * (p[:, 1:2] + p[:, 3:4] * fx) - 1.0  # (B, ow)
-        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    def view(self, img, params) -> torch.Tensor:
+        if float(params[2]) == 0.0 and float(params[3]) == 0.0:
+            return eval_view(img, self.params["eval"])
+        return crop_resize(img, params, self.params["size"], self.params["interpolation"])
 
 
-class TokenMask(ViewPolicy):
-    """Mask ``round(p * n)`` of the n non-special tokens, chosen by a per-sample seed."""
+@register_policy("token-mask", help="text: mask a fraction p of the tokens (per-sample seed)")
+class TokenMask(ViewPolicyBase):
+    """Mask ``round(p * n)`` of the n non-special tokens, chosen by a per-sample seed; the
+    draw is per position, so the mask does not depend on the batch's padded length."""
 
     name = "token-mask"
-    param_dim = 1
+    modality = "text"
+    param_names = ("seed",)
     num_uniforms = 1
 
     def __init__(
@@ -234,7 +291,7 @@ class TokenMask(ViewPolicy):
             p=float(p),
         )
 
-    def from_uniforms(self, u: np.ndarray) -> np.ndarray:
+    def from_uniforms(self, u: np.ndarray, sizes=None) -> np.ndarray:
         return np.floor(u[..., :1] * (1 << 24)).astype(np.float32)
 
     def identity_params(self) -> np.ndarray:
@@ -269,10 +326,10 @@ def text_inputs(ids: torch.Tensor, pad_id: int, original: torch.Tensor | None = 
 
 
 def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    """Token ids (N, max_length), padded and truncated; the raw sample of a text dataset."""
+    """Token ids (N, L <= max_length), padded to the longest, truncated (dynamic padding)."""
     enc = tokenizer(
         list(texts),
-        padding="max_length",
+        padding="longest",
         truncation=True,
         max_length=int(max_length),
         return_tensors="pt",
@@ -280,15 +337,11 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor
     return enc["input_ids"].long()
 
 
-POLICIES = {p.name: p for p in (Identity, CropFlip, RandomResizedCropFlip, TokenMask)}
-
-
-def get_policy(name: str, **kw) -> ViewPolicy:
+def get_policy(name: str, **kw) -> ViewPolicyBase:
     """Build a policy; ``get_policy(name, **policy.params)`` rebuilds an equal one."""
-    if name not in POLICIES:
-        raise KdcacheError(f"unknown view policy {name!r}: expected one of {', '.join(POLICIES)}")
+    cls = lookup(POLICIES, name, "view policy")
     try:
-        return POLICIES[name](**kw)
+        return cls(**kw)
     except TypeError as e:
         raise KdcacheError(f"bad options for view policy {name!r}: {e}") from e
 
@@ -325,9 +378,15 @@ def philox_uniforms(seed: int, samples: np.ndarray, count: int) -> np.ndarray:
 
 
 def view_params_for(
-    policy: ViewPolicy, seed: int, samples, num_augs: int, identity_view: bool
+    policy: ViewPolicyBase,
+    seed: int,
+    samples,
+    num_augs: int,
+    identity_view: bool,
+    sizes: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(B, A, P) float32 params for global sample indices ``samples``; see module docstring."""
+    """(B, A, P) float32 params for global sample indices ``samples`` (of original ``sizes``
+    (B, 2) = (H, W) for ``needs_size`` policies); see module docstring."""
     samples = np.asarray(samples, dtype=np.int64).reshape(-1)
     if num_augs < 1:
         raise KdcacheError(f"num_augs must be >= 1, got {num_augs}")
@@ -335,7 +394,9 @@ def view_params_for(
         raise KdcacheError("sample indices must be >= 0")
     u = philox_uniforms(seed, samples, num_augs * policy.num_uniforms)
     u = u.reshape(len(samples), num_augs, policy.num_uniforms)
-    out = policy.from_uniforms(u).astype(np.float32, copy=False)
+    if sizes is not None:
+        sizes = np.asarray(sizes, dtype=np.float64).reshape(len(samples), 1, 2)
+    out = policy.from_uniforms(u, sizes).astype(np.float32, copy=False)
     if identity_view:
         out[:, 0] = policy.identity_params()
     return np.ascontiguousarray(out)

@@ -45,6 +45,9 @@ class DistillConfig:
     out: str = "runs/distill"
     resume: bool = False
     max_samples: int | None = None
+    image_column: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
     max_steps: int | None = None
     plots: bool = True
     storage_options: dict = field(default_factory=dict)

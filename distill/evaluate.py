@@ -32,14 +32,20 @@ def run_evaluate(
         from distill.setup import _tokenize
 
         _tokenize(ds, info)
+        policy = get_policy("identity")
     elif info.get("modality") != ds.modality:
         raise KdcacheError(
             f"model {model!r} takes {info.get('modality')} but {dataset!r} is {ds.modality}"
         )
     if batch_size < 1:
         raise KdcacheError(f"--batch-size {batch_size} must be >= 1")
-    # the eval view of training: un-augmented, resized like rrc-flip's identity box
-    policy = get_policy("identity", size=image_size)
+    if info.get("modality") != "text" and getattr(ds, "in_ram", False):
+        # the eval view of training on 32x32 data: un-augmented, resized to --image-size
+        policy = get_policy("identity", size=image_size)
+    elif info.get("modality") != "text":  # native images: the model's own eval transform
+        from data.loader import make_policy
+
+        policy = make_policy("identity", ds, info, image_size)
     ev = evaluate_model(net.to(dev), ds, policy, dev, batch_size=batch_size)
     acc = ev["correct"] / max(ev["n"], 1.0)
     out = {

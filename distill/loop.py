@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from data.datasets import raw_batch
+from data.loader import ReplayLoader, ViewMaker, batched_views, use_batched
 from models.runtime import forward, to_device
 
 
@@ -43,42 +43,86 @@ def plan_epoch(
 
 
 class BatchMaker:
-    """Turns planned (samples, augs) into replayed views, labels and teacher logits."""
+    """Turns planned (rows, augs) into replayed views, labels and teacher logits.
+
+    Rows are cache rows; ``teacher.rows`` maps them to dataset samples (a cache may store its
+    rows in a permuted order; without a cache row == sample). In-RAM images with a batched
+    policy are replayed in this thread; every other source goes through the worker processes
+    of a ``ReplayLoader`` (``workers``), one decode per sample for all of its views.
+    """
 
     def __init__(
-        self, dataset, policy, teacher=None, seed: int = 0, rank: int = 0, world_size: int = 1
-    ) -> None:
+        self, dataset, policy, teacher=None, seed: int = 0, rank: int = 0, world_size: int = 1,
+        workers: int = 0, pin: bool = False,
+    ) -> None:  # fmt: skip
         self.dataset, self.policy, self.teacher = dataset, policy, teacher
         self.seed, self.rank, self.world = seed, rank, world_size
-        self.labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
+        rows = getattr(teacher, "rows", None)
+        self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, np.int64)
+        self.labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64)[self.rows])
         self.cached = teacher is not None and hasattr(teacher, "params")
+        self.batched = use_batched(dataset, policy)
+        self.workers, self.pin = workers, pin
+        self._loader: ReplayLoader | None = None
 
-    def __call__(
-        self, samples: np.ndarray, augs: np.ndarray, epoch: int, t_logits: np.ndarray | None = None
-    ) -> dict:
+    def _plan(self, samples, augs, epoch, t_logits=None, sliced: bool = False) -> dict:
+        """Everything of a batch but its views (made here or in a worker)."""
         from data.views import view_params_for
 
-        sl = slice(self.rank, None, self.world)
-        samples, augs = samples[sl], augs[sl]
+        if not sliced:
+            sl = slice(self.rank, None, self.world)
+            samples, augs = samples[sl], augs[sl]
+            t_logits = None if t_logits is None else t_logits[sl]
+        params = None
         if self.cached:
             params = self.teacher.params(samples, augs)
-        else:  # no cache: fresh seeded params per (seed, epoch, sample)
-            params = view_params_for(self.policy, self.seed * 100_003 + epoch, samples, 1, False)[
-                :, 0
-            ]
-        views = self.policy.apply(raw_batch(self.dataset, samples), torch.from_numpy(params))
+        elif not self.policy.needs_size:  # no cache: fresh seeded params per (seed, epoch)
+            seed = self.seed * 100_003 + epoch
+            params = view_params_for(self.policy, seed, self.rows[samples], 1, False)[:, 0]
         t = None
         if t_logits is not None:
-            t = torch.from_numpy(np.ascontiguousarray(t_logits[sl]))
+            t = torch.from_numpy(np.ascontiguousarray(t_logits))
         elif self.cached and not self.teacher.needs_views and self.teacher.chunked is None:
             t = self.teacher.logits(samples, augs)
         return {
             "samples": samples,
             "augs": augs,
-            "views": views,
+            "params": params,
             "labels": self.labels[torch.from_numpy(samples)],
             "teacher": t,
+            "epoch": epoch,
         }
+
+    def __call__(
+        self, samples: np.ndarray, augs: np.ndarray, epoch: int, t_logits: np.ndarray | None = None,
+        sliced: bool = False,
+    ) -> dict:  # fmt: skip
+        """One batch made in this thread (the in-RAM batched path, and tests)."""
+        b = self._plan(samples, augs, epoch, t_logits, sliced)
+        if self.batched:
+            b["views"] = batched_views(
+                self.dataset, self.policy, self.rows[b["samples"]], b.pop("params")
+            )
+            return b
+        return next(self.stream(iter([b])))
+
+    def _items(self, b: dict) -> list:
+        """One loader item per (row, view): (row, sample, params (1, P) or a fresh draw)."""
+        rows, params = b["samples"], b["params"]
+        if params is None:
+            seed = self.seed * 100_003 + b["epoch"]
+            return [(int(r), int(self.rows[r]), ("draw", seed)) for r in rows]
+        return [(int(r), int(self.rows[r]), params[j : j + 1]) for j, r in enumerate(rows)]
+
+    def stream(self, plans) -> Iterator[dict]:
+        """Views of planned batches through the worker processes (same order, same bytes)."""
+        if self._loader is None:
+            maker = ViewMaker(self.dataset, self.policy, getattr(self.dataset, "collate", None))
+            self._loader = ReplayLoader(maker, self.workers, self.pin)
+        for batch, b in self._loader.run((self._items(b), b) for b in plans):
+            b.pop("params")
+            b["views"] = batch["views"]
+            yield b
 
 
 def prefetch_depth(device: torch.device, workers: int = 0) -> int:
@@ -125,26 +169,40 @@ def prefetch(it, depth: int):
 def epoch_batches(
     make: BatchMaker, n: int, batch_size: int, seed: int, epoch: int, views: str, depth: int
 ):
-    """All batches of one epoch, from the RAM plan or the chunk-aware cache iterator."""
+    """All batches of one epoch, from the RAM plan or the chunk-aware cache iterator. In
+    chunk-aware mode each torchrun rank reads only its share of the chunks."""
     t = make.teacher
     if t is not None and getattr(t, "chunked", None) is not None:
         from cache.reader import iter_epoch
 
         mode = "all" if views == "all" else "random"
-        it = (
-            make(s, a, epoch, lg)
+        plans = (
+            make._plan(s, a, epoch, lg, sliced=True)
             for s, a, lg in iter_epoch(
-                t.chunked, batch_size=batch_size, seed=seed, epoch=epoch, aug_mode=mode
+                t.chunked,
+                batch_size=max(1, batch_size // make.world),
+                seed=seed,
+                epoch=epoch,
+                aug_mode=mode,
+                rank=make.rank,
+                world_size=make.world,
+                drop_last=make.world > 1,  # the same number of steps on every rank
             )
-            if len(s) >= make.world  # every rank must get a row, or DDP would hang
         )
     else:
         num_augs = t.num_augs if make.cached else 1
-        it = (
-            make(s, a, epoch)
+        plans = (
+            make._plan(s, a, epoch)
             for s, a in plan_epoch(n, num_augs, batch_size, seed, epoch, views, make.world)
         )
-    return prefetch(it, depth)
+    if not make.batched:
+        return make.stream(plans)
+    return prefetch((_made(make, b) for b in plans), depth)
+
+
+def _made(make: BatchMaker, b: dict) -> dict:
+    b["views"] = batched_views(make.dataset, make.policy, make.rows[b["samples"]], b.pop("params"))
+    return b
 
 
 def train_epoch(
@@ -208,19 +266,25 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate_model(
-    model, dataset, policy, device, batch_size: int = 256, rank: int = 0, world_size: int = 1
-) -> dict:
+    model, dataset, policy, device, batch_size: int = 256, rank: int = 0, world_size: int = 1,
+    workers: int = 0,
+) -> dict:  # fmt: skip
     """Top-1 accuracy and CE on the eval (identity) view of every sample of `dataset`."""
     model.eval()
     n = len(dataset)
     idx = np.arange(rank, n, world_size, dtype=np.int64)
     correct, loss = 0.0, 0.0
-    ident = torch.from_numpy(np.asarray(policy.identity_params(), dtype=np.float32))
+    ident = np.asarray(policy.identity_params(), dtype=np.float32)
     labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
-    for lo in range(0, len(idx), batch_size):
-        s = idx[lo : lo + batch_size]
-        params = ident.expand(len(s), -1)
-        x = to_device(policy.apply(raw_batch(dataset, s), params), device)
+    make = BatchMaker(dataset, policy, workers=workers)
+    plans = (
+        {"samples": s, "params": np.broadcast_to(ident, (len(s), len(ident))), "epoch": 0}
+        for s in (idx[lo : lo + batch_size] for lo in range(0, len(idx), batch_size))
+    )
+    made = (_made(make, b) for b in plans) if make.batched else make.stream(plans)
+    for b in made:
+        s = b["samples"]
+        x = to_device(b["views"], device)
         y = labels[torch.from_numpy(s)].to(device)
         out = forward(model, x).float()
         correct += float((out.argmax(1) == y).sum())

@@ -42,31 +42,29 @@ def _loss(cfg: DistillConfig):
     return fn, needs, {**defaults, **hp}
 
 
-def _tokenize(ds, info: dict) -> None:
-    from data.views import tokenize_texts
+def _tokenize(ds, info: dict, max_length: int | None = None):
+    """A text source is batched with its tokenizer: dynamic padding, truncation at the
+    cache's (or the model's) max_length. Returns the tokenizer."""
+    from data.text import TextCollate
     from models.factory import load_tokenizer
 
     tok = load_tokenizer(info)
-    ds.tokens = tokenize_texts(tok, ds.texts, info["preprocessing"]["max_length"])
+    ds.collate = TextCollate(tok, max_length or info["preprocessing"]["max_length"])
+    return tok
 
 
-def _policy(cfg: DistillConfig, cache, info: dict, modality: str):
+def _policy(cfg: DistillConfig, cache, info: dict, dataset, tok=None):
     """The cache's view policy (replayed), or --augment when training without a cache."""
+    from data.loader import make_policy
     from data.views import get_policy
 
     if cache is not None:  # the stored params rebuild the very policy the teacher saw
         name, kw = cache.spec.views["policy"], dict(cache.spec.views.get("params") or {})
-    else:
-        name, kw = cfg.augment, {}
-        if modality == "text" and name not in ("identity", "token-mask"):
-            name = "identity"
-        if name == "token-mask":
-            from models.factory import load_tokenizer
-
-            kw["tokenizer"] = load_tokenizer(info)
-        if name == "rrc-flip":
-            kw["size"] = cfg.image_size or info["preprocessing"]["input_size"][-1]
-    return get_policy(name, **kw)
+        return get_policy(name, **kw)
+    name = cfg.augment
+    if dataset.modality == "text" and name not in ("identity", "token-mask"):
+        name = "identity"
+    return make_policy(name, dataset, info, cfg.image_size, tokenizer=tok)
 
 
 def build_run(cfg: DistillConfig, rt) -> Run:
@@ -87,21 +85,33 @@ def build_run(cfg: DistillConfig, rt) -> Run:
     loss_fn, needs_teacher, hp = _loss(cfg)
     if needs_teacher and not cfg.caches and cfg.loss != "mrkd":
         raise KdcacheError(f"--loss {cfg.loss} needs teacher logits: give --cache PATH")
+    columns = {
+        "image_column": cfg.image_column,
+        "text_column": cfg.text_column,
+        "label_column": cfg.label_column,
+        "storage_options": cfg.storage_options or None,
+    }
     train = load_dataset(
         cfg.dataset,
         root=cfg.data_root,
         split=cfg.split,
         download=cfg.download,
         max_samples=cfg.max_samples,
+        **columns,
     )
     test = None
     if cfg.test_split and cfg.test_split != "none":
         test = load_dataset(
-            cfg.dataset, root=cfg.data_root, split=cfg.test_split, download=cfg.download
+            cfg.dataset, root=cfg.data_root, split=cfg.test_split, download=cfg.download, **columns
         )
     num_classes = cfg.num_classes or train.num_classes
+    extra = {"max_length": cfg.max_length} if cfg.student.startswith("hf:") else {}
     model, info = create_model(
-        cfg.student, num_classes=num_classes, pretrained=cfg.pretrained, weights=cfg.weights
+        cfg.student,
+        num_classes=num_classes,
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        **extra,
     )
     modality = info.get("modality", "image")
     if modality != train.modality:
@@ -116,12 +126,13 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             caches, cfg.teacher_view, cfg.ensemble, int(cfg.memory_budget_gb * (1 << 30))
         )
     cache0 = teacher.caches[0] if teacher is not None else None
+    tok = None
     if modality == "text":
         tok_info = {"modality": "text", **cache0.spec.teacher} if cache0 is not None else info
         for ds in (train, test):
             if ds is not None:
-                _tokenize(ds, tok_info)
-    policy = _policy(cfg, cache0, info, modality)
+                tok = _tokenize(ds, tok_info)
+    policy = _policy(cfg, cache0, info, train, tok)
     mrkd = live = None
     if cfg.loss == "mrkd":
         steps = max(1, len(train) // cfg.batch_size)

@@ -27,20 +27,29 @@ def open_caches(paths: list[str], dataset, num_classes: int, storage_options: di
         caches += members
         names += [p] if len(members) == 1 else [c.path for c in members]
     paths = names
-    fp = dataset.fingerprint()
+    from data.loader import cache_rows
+
     first = caches[0]
+    rows0 = None
     for p, c in zip(paths, caches, strict=True):
         if c.n != len(dataset):
             raise KdcacheError(
                 f"cache {p} has N={c.n} samples but dataset "
                 f"{dataset.name}/{dataset.split} has {len(dataset)}"
             )
-        if c.spec.dataset.get("fingerprint") != fp:
+        rows, same = cache_rows(c.spec.dataset, c.keys, dataset)
+        if not same:
             raise KdcacheError(
                 f"cache {p} was computed on another dataset (fingerprint "
-                f"{c.spec.dataset.get('fingerprint', '')[:12]} != {fp[:12]} of "
-                f"{dataset.name}/{dataset.split}); check --dataset/--data-root"
+                f"{c.spec.dataset.get('fingerprint', '')[:12]} does not match the keys and "
+                f"labels of {dataset.name}/{dataset.split}); check --dataset/--data-root"
             )
+        if rows0 is not None and not np.array_equal(rows, rows0):
+            raise KdcacheError(
+                f"caches {paths[0]} and {p} store their rows in different orders "
+                "(dataset.order differs); an ensemble needs the same order"
+            )
+        rows0 = rows
         if c.num_classes != num_classes:
             raise KdcacheError(
                 f"cache {p} has {c.num_classes} classes; the student has {num_classes}"
@@ -56,6 +65,8 @@ def open_caches(paths: list[str], dataset, num_classes: int, storage_options: di
                 f"caches {paths[0]} and {p} do not share views "
                 f"(views.{', views.'.join(diff)} differ)"
             )
+    for c in caches:
+        c.rows = rows0  # cache row -> dataset sample (through the stored keys)
     return caches
 
 
@@ -83,6 +94,7 @@ class CachedTeacher:
         if teacher_view not in ("same", "mean"):
             raise KdcacheError(f"unknown --teacher-view {teacher_view!r}; expected same or mean")
         self.caches = caches
+        self.rows = getattr(caches[0], "rows", None)  # cache row -> dataset sample
         self.num_augs = caches[0].num_augs
         self.view_params = caches[0].view_params()  # (N, A, P): small, replayed every step
         self.teacher_view = teacher_view

@@ -82,8 +82,9 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     if r.mrkd is not None:
         on_step = lambda s: r.mrkd.maybe_snapshot(model, s)  # noqa: E731
     make = BatchMaker(
-        r.train, r.policy, r.teacher, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size
-    )
+        r.train, r.policy, r.teacher, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size,
+        workers=cfg.workers, pin=rt.device.type == "cuda",
+    )  # fmt: skip
     record: dict = {}
     bar = tqdm(
         range(start_epoch, cfg.epochs),

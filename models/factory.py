@@ -43,6 +43,8 @@ class Normalized(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:  # views travel as uint8; float conversion on the device
+            x = x.to(self.mean.dtype).div_(255.0)
         return self.net((x - self.mean) / self.std)
 
 

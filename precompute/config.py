@@ -36,6 +36,9 @@ class PrecomputeConfig:
     overwrite: bool = False
     break_lock: bool = False
     max_samples: int | None = None
+    image_column: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
     topk: int | None = None
     sampled: int | None = None
     storage_options: dict = field(default_factory=dict)

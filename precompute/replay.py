@@ -13,10 +13,11 @@ log = logging.getLogger(__name__)
 
 def replay_problems(cache, data_root: str | None) -> list[str]:
     """Recompute the stored view digests from the dataset and the stored params."""
-    import torch
-
-    from data.datasets import load_dataset, raw_batch
-    from data.views import get_policy, tokenize_texts, view_digest
+    from data.datasets import load_dataset
+    from data.loader import ViewMaker, batched_views, cache_rows, use_batched
+    from data.text import TextCollate
+    from data.views import get_policy, view_digest
+    from precompute.setup import _as_tensor
 
     spec = cache.spec
     digests = (cache.attrs.get("provenance") or {}).get("replay_digests") or []
@@ -25,21 +26,27 @@ def replay_problems(cache, data_root: str | None) -> list[str]:
     ds = load_dataset(
         spec.dataset["name"], root=data_root, split=spec.dataset["split"], max_samples=spec.n
     )
-    if ds.fingerprint() != spec.dataset["fingerprint"]:
+    samples, same = cache_rows(spec.dataset, cache.keys, ds)
+    if not same:
         return [f"dataset at {data_root!r} does not match the cache's dataset fingerprint"]
+    collate = None
     if ds.modality == "text":
         from models.factory import load_tokenizer
 
         tok = load_tokenizer({"modality": "text", **spec.teacher})
-        ds.tokens = tokenize_texts(tok, ds.texts, spec.teacher["preprocessing"]["max_length"])
+        collate = TextCollate(tok, spec.teacher["preprocessing"]["max_length"])
     policy = get_policy(spec.views["policy"], **(spec.views.get("params") or {}))
+    maker = ViewMaker(ds, policy, collate)
     problems = []
     for d in digests:
         i, a = d["sample"], d["aug"]
-        params = torch.from_numpy(cache.view_params(np.array([i]))[:, a])
-        view = policy.apply(raw_batch(ds, np.array([i])), params)
-        view = view["input_ids"] if isinstance(view, dict) else view
-        if view_digest(view) != d["sha256"]:
+        params = cache.view_params(np.array([i]))[:, a]  # (1, P)
+        s = int(samples[i])
+        if use_batched(ds, policy):
+            view = batched_views(ds, policy, np.array([s]), params)
+        else:
+            view = maker.collate([(i, *maker.replay(s, params))])["views"]
+        if view_digest(_as_tensor(view)) != d["sha256"]:
             problems.append(f"replayed view of sample {i} aug {a} differs from the teacher's")
     return problems
 

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from cache.backends import backend_class, exists
 from cache.errors import KdcacheError
-from data.datasets import raw_batch
 from models.runtime import (
     Runtime,
     barrier,
@@ -40,15 +39,14 @@ def prepare_chunk(setup: Setup, start: int, stop: int, batch_size: int, pin: boo
     samples = np.arange(start, stop, dtype=np.int64)
     params = setup.view_params(samples)  # (n, A, P)
     n, a, p = params.shape
-    raw = raw_batch(setup.dataset, samples)
+    raw = setup.dataset.get(samples)
     flat_params = torch.from_numpy(params.reshape(n * a, p))
     rows = np.repeat(np.arange(n), a)
     batches = []
     for lo in range(0, n * a, batch_size):
         hi = min(lo + batch_size, n * a)
         idx = torch.from_numpy(rows[lo:hi])
-        raw_b = [raw[i] for i in rows[lo:hi]] if isinstance(raw, list) else raw[idx]
-        view = setup.policy.apply(raw_b, flat_params[lo:hi])
+        view = setup.policy.apply(raw[idx], flat_params[lo:hi])
         batches.append(_pinned(view) if pin else view)
     return params, batches
 
@@ -77,8 +75,8 @@ def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
 
     hdf5 = setup.backend == "hdf5"
     kwargs = dict(
-        labels=setup.dataset.labels,
-        keys=setup.dataset.keys,
+        labels=np.asarray(setup.dataset.labels)[setup.order],
+        keys=[setup.dataset.keys[i] for i in setup.order],
         provenance=setup.provenance(cfg),
         backend=setup.backend,
         storage_options=cfg.storage_options or None,
@@ -194,7 +192,10 @@ class _Inline:
 
 
 def _loop(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo: list[int], bar) -> None:
-    """Teacher forward over the todo chunks. Finished chunks are written in a background
+    """Streaming sources (and per-sample policies) go through the DataLoader (`_loop_loader`);
+    in-RAM images with a batched policy take the in-thread path below.
+
+    Teacher forward over the todo chunks. Finished chunks are written in a background
     thread (numpy + store I/O), so cache writes overlap the teacher's forward.
 
     Views for the next chunks are prepared in `workers` background threads (1 when 0) while
@@ -203,6 +204,8 @@ def _loop(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo: list[i
     ops in a second thread start a second OpenMP team, after which libgomp throttles its
     spin-waits (more managed threads than cores) and the forward itself runs ~10-15% slower
     for the whole run; preparing a chunk inline costs ~2% (bench/precompute.py)."""
+    if not setup.batched:
+        return _loop_loader(cfg, rt, setup, writer, todo, bar)
     spec = setup.spec
     inline = rt.device.type == "cpu" and cfg.workers == 0
     workers = max(1, cfg.workers)
@@ -235,11 +238,56 @@ def _loop(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo: list[i
             w.result()
 
 
+def _loop_loader(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo, bar) -> None:
+    """Worker processes decode each sample once and cut its A views; a chunk's batches feed
+    the teacher back to back, then the chunk is written behind the next one's forwards."""
+    from data.loader import chunk_batches, clean_errors, precompute_loader
+
+    spec = setup.spec
+    a = spec.num_augs
+    ranges = [writer.chunk_range(c) for c in todo]
+    per_batch = max(1, cfg.batch_size // a)
+    loader = precompute_loader(
+        setup.maker,
+        setup.order,
+        spec.views["seed"],
+        a,
+        spec.views["identity_view"],
+        chunk_batches(ranges, per_batch),
+        workers=cfg.workers,
+        pin=rt.device.type == "cuda",
+    )
+    it = clean_errors(loader)
+    with ThreadPoolExecutor(1) as io:
+        writes = []
+        for c, (start, stop) in zip(todo, ranges, strict=True):
+            params: list[np.ndarray] = []
+
+            def views(n=stop - start, params=params):
+                got = 0
+                while got < n:
+                    b = next(it)
+                    params.append(b["params"])
+                    got += len(b["rows"])
+                    yield b["views"]
+
+            logits = _teacher_logits(setup, views(), rt.device, cfg.amp)
+            p = np.concatenate(params)
+            logits = logits.reshape(stop - start, a, -1)
+            _check_finite(logits, start, setup)
+            writes.append(io.submit(writer.write_chunk, c, logits, p))
+            while len(writes) > 2:  # bounded write-behind; errors surface here
+                writes.pop(0).result()
+            bar.update((stop - start) * a)
+        for w in writes:
+            w.result()
+
+
 def _check_finite(logits: np.ndarray, start: int, setup: Setup) -> None:
     bad = ~np.isfinite(logits).all(axis=(1, 2))
     if bad.any():
         idx = (np.flatnonzero(bad) + start)[:5].tolist()
-        keys = [setup.dataset.keys[i] for i in idx]
+        keys = [setup.dataset.keys[setup.order[i]] for i in idx]
         raise KdcacheError(
             f"teacher produced NaN/Inf logits for samples {idx} ({', '.join(keys)}); "
             "refusing to cache them"

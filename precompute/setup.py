@@ -17,31 +17,52 @@ import torch
 
 from cache.errors import KdcacheError
 from cache.spec import CacheSpec
-from data.datasets import raw_batch
 from precompute.config import PrecomputeConfig
 
 SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
-TEXT_POLICIES = ("identity", "token-mask")
 
 
 @dataclass
 class Setup:
     """Everything a stage-1 run needs, resolved once."""
 
-    dataset: object  # data.datasets.RawDataset, with `images` or tokenized `tokens`
+    dataset: object  # a data.base.Dataset source
     model: torch.nn.Module
     info: dict
     policy: object
     spec: CacheSpec
     backend: str
     modality: str
+    maker: object  # data.loader.ViewMaker (dataset + policy + text collate)
+    order: np.ndarray  # cache row r holds dataset sample order[r]
+
+    @property
+    def batched(self) -> bool:
+        """In-RAM images + a batched policy: the in-thread tensor path."""
+        from data.loader import use_batched
+
+        return use_batched(self.dataset, self.policy)
 
     def view_params(self, samples: np.ndarray) -> np.ndarray:
-        """(B, A, P) params keyed only by (seed, sample, aug)."""
+        """(B, A, P) params keyed only by (seed, sample, aug) (batched path: same-size images)."""
         from data.views import view_params_for
 
         v = self.spec.views
         return view_params_for(self.policy, v["seed"], samples, v["num_augs"], v["identity_view"])
+
+    def row_views(self, row: int) -> tuple[object, np.ndarray]:
+        """(A views, (A, P) params) of one cache row, made in this thread."""
+        from data.loader import batched_views
+
+        v = self.spec.views
+        sample = int(self.order[row])
+        if self.batched:
+            params = self.view_params(np.array([sample]))
+            a, p = params.shape[1:]
+            rows = np.full(a, sample)
+            return batched_views(self.dataset, self.policy, rows, params.reshape(a, p)), params[0]
+        views, params = self.maker.draw(sample, v["seed"], v["num_augs"], v["identity_view"])
+        return self.maker.collate([(row, views, params)])["views"], params
 
     def provenance(self, cfg: PrecomputeConfig) -> dict:
         """Stored with the cache, never hashed into its key."""
@@ -85,14 +106,19 @@ def replay_digests(setup: Setup, count: int = 3) -> list[dict]:
     picks = sorted({(0, 0), (n - 1, a - 1), (n // 2, min(1, a - 1))})[:count]
     out = []
     for i, j in picks:
-        params = setup.view_params(np.array([i], dtype=np.int64))[:, j]
-        view = setup.policy.apply(raw_batch(setup.dataset, np.array([i])), torch.from_numpy(params))
-        out.append({"sample": int(i), "aug": int(j), "sha256": view_digest(_as_tensor(view))})
+        views, _ = setup.row_views(i)
+        view = _as_tensor(views)[j : j + 1]
+        out.append({"sample": int(i), "aug": int(j), "sha256": view_digest(view)})
     return out
 
 
 def _as_tensor(view) -> torch.Tensor:
-    return view["input_ids"] if isinstance(view, dict) else view
+    """Image views, or a text batch's token ids with the padding stripped (so a digest does
+    not depend on the other texts of its batch)."""
+    if not isinstance(view, dict):
+        return view
+    ids, mask = view["input_ids"], view["attention_mask"]
+    return ids[:, : int(mask.sum(1).max())] if ids.numel() else ids
 
 
 def _num_classes_arg(cfg: PrecomputeConfig, dataset) -> int | None:
@@ -107,8 +133,9 @@ def _num_classes_arg(cfg: PrecomputeConfig, dataset) -> int | None:
 def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Setup:
     """Validate options early (before anything is written) and resolve the spec."""
     from data.datasets import load_dataset
-    from data.views import get_policy
-    from models.factory import create_model
+    from data.loader import ViewMaker, make_policy, ordered_fingerprint, row_order
+    from data.text import TextCollate
+    from models.factory import create_model, load_tokenizer
 
     _check_options(cfg)
     dataset = load_dataset(
@@ -117,12 +144,18 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
         split=cfg.split,
         download=cfg.download,
         max_samples=cfg.max_samples,
+        image_column=cfg.image_column,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        storage_options=cfg.storage_options or None,
     )
+    extra = {"max_length": cfg.max_length} if cfg.teacher.startswith("hf:") else {}
     model, info = create_model(
         cfg.teacher,
         num_classes=_num_classes_arg(cfg, dataset),
         pretrained=cfg.pretrained,
         weights=cfg.weights,
+        **extra,
     )
     modality = info.get("modality", "image")
     if modality != dataset.modality:
@@ -130,24 +163,17 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
             f"teacher {cfg.teacher!r} takes {modality} but dataset "
             f"{cfg.dataset!r} is {dataset.modality}"
         )
-    policy_kw = {}
+    tok = collate = None
     if modality == "text":
-        if cfg.augment not in TEXT_POLICIES:
-            raise KdcacheError(
-                f"--augment {cfg.augment!r} is not a text policy; "
-                f"expected one of {', '.join(TEXT_POLICIES)}"
-            )
-        from data.views import tokenize_texts
-        from models.factory import load_tokenizer
-
         tok = load_tokenizer(info)
-        dataset.tokens = tokenize_texts(tok, dataset.texts, info["preprocessing"]["max_length"])
-        if cfg.augment == "token-mask":
-            policy_kw = {"tokenizer": tok, "p": cfg.mask_prob}
-    elif cfg.augment == "rrc-flip":
-        size = cfg.image_size or info["preprocessing"]["input_size"][-1]
-        policy_kw = {"size": int(size)}
-    policy = get_policy(cfg.augment, **policy_kw)
+        collate = TextCollate(tok, info["preprocessing"]["max_length"])
+    policy = make_policy(cfg.augment, dataset, info, cfg.image_size, cfg.mask_prob, tok)
+    order, order_spec = row_order(dataset, cfg.seed)
+    dataset_spec = dataset.spec()
+    dataset_spec["name"] = cfg.dataset
+    if order_spec is not None:  # keys/labels/fingerprint are those of the rows
+        dataset_spec["order"] = order_spec
+        dataset_spec["fingerprint"] = ordered_fingerprint(dataset, order)
     spec = CacheSpec(
         teacher={
             "name": cfg.teacher,
@@ -156,12 +182,7 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
             "num_classes": int(info["num_classes"]),
             "preprocessing": info["preprocessing"],
         },
-        dataset={
-            "name": cfg.dataset,
-            "split": cfg.split,
-            "n": len(dataset),
-            "fingerprint": dataset.fingerprint(),
-        },
+        dataset=dataset_spec,
         views={
             "policy": policy.name,
             "params": policy.params,
@@ -186,6 +207,8 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
         spec=spec,
         backend=_backend(cfg),
         modality=modality,
+        maker=ViewMaker(dataset, policy, collate),
+        order=order,
     )
 
 

@@ -1,0 +1,168 @@
+"""What a dataset source and a view policy are (``typing.Protocol``s), and the one registry
+idiom of kdcache: a plain dict filled by a ``@register(...)`` decorator (timm's
+``register_model`` style), each entry carrying a one-line ``help`` so help texts and
+``kdcache list`` come from the registries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from cache.errors import KdcacheError
+from cache.spec import dataset_fingerprint
+
+
+def registry_decorator(registry: dict, kind: str) -> Callable:
+    """``register(name, help=...)`` for ``registry``: stores the object and its help line."""
+
+    def register(name: str, help: str) -> Callable:  # noqa: A002 - mirrors click's help=
+        def deco(obj):
+            if name in registry:
+                raise KdcacheError(f"{kind} {name!r} is registered twice")
+            if isinstance(obj, type):  # a class carries its own help (one name per class)
+                obj.help = help
+                registry[name] = obj
+            else:  # a function may serve several names: each entry gets its own help
+                registry[name] = Entry(obj, help)
+            return obj
+
+        return deco
+
+    return register
+
+
+class Entry:
+    """A registered function with its one-line help; calling it calls the function."""
+
+    def __init__(self, fn: Callable, help: str) -> None:  # noqa: A002
+        self.fn, self.help = fn, help
+
+    def __call__(self, *args, **kw):
+        return self.fn(*args, **kw)
+
+
+def lookup(registry: dict, name: str, kind: str) -> Any:
+    """The entry for ``name``: exact key, or a prefix key ending with ':' (``hfds:PATH``)."""
+    if name in registry:
+        return registry[name]
+    for key, obj in registry.items():
+        if key.endswith(":") and name.startswith(key):
+            return obj
+    raise KdcacheError(f"unknown {kind} {name!r}: expected one of {', '.join(registry)}")
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """A dataset source: stable keys + labels up front (the fingerprint), samples on demand.
+
+    ``load(i)`` returns the decoded original sample (an RGB ``PIL.Image`` at native size, or
+    a ``str``); nothing is decoded before it is asked for. ``in_ram`` sources (CIFAR, digits)
+    also offer ``get(indices)``: a uint8 ``(B,3,H,W)`` batch for the batched view path.
+    """
+
+    name: str
+    split: str
+    keys: list[str]
+    labels: np.ndarray
+    num_classes: int
+    classes: list[str] | None
+    modality: str  # "image" | "text"
+    in_ram: bool
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> Any: ...
+
+    def fingerprint(self) -> str: ...
+
+    def spec(self) -> dict: ...
+
+
+@runtime_checkable
+class ViewPolicy(Protocol):
+    """A seeded augmentation: uniforms -> params (pure), params + original sample -> view.
+
+    ``param_names`` is the ``view_params`` layout stored in a cache (one float32 each).
+    ``needs_size``: params depend on the original size (drawn after decoding, in the worker).
+    ``batched``: ``apply(uint8 batch, params)`` exists for same-size in-RAM data / token ids.
+    """
+
+    name: str
+    help: str
+    modality: str  # "image" | "text" | "any"
+    param_names: tuple[str, ...]
+    num_uniforms: int
+    needs_size: bool
+    batched: bool
+    params: dict
+
+    def from_uniforms(self, u: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray: ...
+
+    def identity_params(self) -> np.ndarray: ...
+
+
+class SourceBase:
+    """Shared bookkeeping of the sources: keys, labels, fingerprint, spec section."""
+
+    name: str
+    split: str
+    keys: list[str]
+    labels: np.ndarray
+    num_classes: int
+    classes: list[str] | None = None
+    modality = "image"
+    in_ram = False
+    decode_rule: str | None = None  # recorded in the spec when it changes pixels
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def fingerprint(self) -> str:
+        return dataset_fingerprint(self.keys, np.asarray(self.labels, dtype=np.int64))
+
+    def spec(self) -> dict:
+        """The ``dataset`` section of a cache spec."""
+        out = {
+            "name": self.name,
+            "split": self.split,
+            "n": len(self),
+            "fingerprint": self.fingerprint(),
+        }
+        if self.decode_rule:
+            out["decode"] = self.decode_rule
+        return out
+
+    def head(self, n: int) -> None:
+        """Keep the first ``n`` samples (``--max-samples``): nothing else is touched."""
+        self.keys = self.keys[:n]
+        self.labels = np.asarray(self.labels)[:n]
+
+
+def missing_split(what: str, split: str, existing: list[str]) -> KdcacheError:
+    """Never fall back to the root or to train: name the splits that exist."""
+    have = ", ".join(repr(s) for s in existing) if existing else "none"
+    return KdcacheError(f"{what} has no split {split!r}; splits that exist: {have}")
+
+
+def decode_image(data_or_path, where: str):
+    """RGB ``PIL.Image`` from a path or bytes; one clear error naming the bad file."""
+    import io
+
+    from PIL import Image
+
+    try:
+        src = (
+            io.BytesIO(data_or_path)
+            if isinstance(data_or_path, (bytes, bytearray))
+            else data_or_path
+        )
+        with Image.open(src) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise KdcacheError(f"cannot decode image {where}: {e}") from None
+
+
+DECODE_RULE = "PIL.Image.open().convert('RGB')"
