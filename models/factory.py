@@ -78,24 +78,12 @@ def create_model(
     if pretrained and weights:
         raise KdcacheError("give either pretrained=True or weights=PATH, not both")
     state = read_weights(weights) if weights else None
-    if name.startswith("hf:"):
+    source = model_source(name)
+    if source == "hf:":
         from models.hf import create_hf_model
 
         return create_hf_model(name, name[3:], num_classes, state, weights, kw)
-    if name.startswith("tv:"):
-        source, arch = "torchvision", name[3:]
-        _check_tv_name(arch)
-    elif name in CIFAR_MODELS:
-        source, arch = "cifar", name
-    elif _is_timm_model(name):
-        source, arch = "timm", name
-    else:
-        raise KdcacheError(
-            f"unknown model {name!r}: expected a timm name (e.g. resnet50, vit_small_patch16_224), "
-            f"tv:NAME (torchvision, e.g. tv:resnet18), hf:PATH_OR_ID (Hugging Face sequence "
-            f"classifier, e.g. hf:bert-base-uncased) or a CIFAR-zoo name "
-            f"({', '.join(CIFAR_MODELS)})"
-        )
+    source, arch = MODEL_SOURCES[source].resolve(name)
     model_kwargs = dict(kw.get("model_kwargs") or {})
     builder = _BUILDERS[source]
 
@@ -123,6 +111,75 @@ def create_model(
         "modality": "image",
     }
     return model, info
+
+
+MODEL_SOURCES: dict = {}
+
+
+def register_model_source(name: str, help: str):  # noqa: A002 - mirrors click's help=
+    """The registry idiom of ``data.base`` (timm ``register_model`` style) for model sources:
+    the class gets ``help``; ``matches(name)`` and ``resolve(name) -> (source, arch)``."""
+
+    def deco(cls):
+        cls.help = help
+        MODEL_SOURCES[name] = cls
+        return cls
+
+    return deco
+
+
+@register_model_source("tv:", help="tv:NAME, a torchvision classification model (tv:resnet18)")
+class _TV:
+    @staticmethod
+    def matches(name: str) -> bool:
+        return name.startswith("tv:")
+
+    @staticmethod
+    def resolve(name: str) -> tuple[str, str]:
+        _check_tv_name(name[3:])
+        return "torchvision", name[3:]
+
+
+@register_model_source("hf:", help="hf:PATH_OR_ID, a Hugging Face sequence classifier (text)")
+class _HF:
+    @staticmethod
+    def matches(name: str) -> bool:
+        return name.startswith("hf:")
+
+
+@register_model_source("cifar", help="the CIFAR zoo of the KD literature (resnet8x4, wrn_40_2...)")
+class _Cifar:
+    @staticmethod
+    def matches(name: str) -> bool:
+        return name in CIFAR_MODELS
+
+    @staticmethod
+    def resolve(name: str) -> tuple[str, str]:
+        return "cifar", name
+
+
+@register_model_source("timm", help="any timm model name (resnet50, vit_small_patch16_224...)")
+class _Timm:
+    @staticmethod
+    def matches(name: str) -> bool:
+        return _is_timm_model(name)
+
+    @staticmethod
+    def resolve(name: str) -> tuple[str, str]:
+        return "timm", name
+
+
+def model_source(name: str) -> str:
+    """The ``MODEL_SOURCES`` key that builds ``name`` (prefixes first, then CIFAR zoo, timm)."""
+    for key, src in MODEL_SOURCES.items():
+        if src.matches(name):
+            return key
+    raise KdcacheError(
+        f"unknown model {name!r}: expected a timm name (e.g. resnet50, vit_small_patch16_224), "
+        f"tv:NAME (torchvision, e.g. tv:resnet18), hf:PATH_OR_ID (Hugging Face sequence "
+        f"classifier, e.g. hf:bert-base-uncased) or a CIFAR-zoo name "
+        f"({', '.join(CIFAR_MODELS)})"
+    )
 
 
 def load_tokenizer(info: dict):
