@@ -81,7 +81,11 @@ def main(verbose: bool) -> None:
 @click.option(
     "--teacher", required=True, help="resnet34 (timm), tv:NAME, hf:PATH, resnet8..wrn_40_2."
 )
-@click.option("--dataset", default="digits", help="cifar10, cifar100, imagefolder, digits, text.")
+@click.option(
+    "--dataset",
+    default="digits",
+    help="cifar10, cifar100, digits, imagefolder, text, hfds:PATH_OR_ID, wds:URL.",
+)
 @click.option("--data-root", default=None, help="Dataset directory (or file for text).")
 @click.option("--split", default="train", help="Dataset split to run the teacher on.")
 @click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
@@ -94,7 +98,12 @@ def main(verbose: bool) -> None:
 @click.option("--pretrained", is_flag=True, help="Load the library's pretrained weights (hub).")
 @click.option("--num-classes", default=None, type=int, help="Classes of the teacher head.")
 @click.option("--image-size", default=None, type=int, help="View output size (rrc-flip).")
-@click.option("--max-length", default=128, type=int, help="Token length for text teachers.")
+@click.option(
+    "--max-length",
+    default=None,
+    type=int,
+    help="Text: truncate to this many tokens, padded per batch [default: model's, <= 128].",
+)
 @click.option("--mask-prob", default=0.15, type=float, help="token-mask: fraction masked.")
 @click.option(
     "--format",
@@ -117,7 +126,15 @@ def main(verbose: bool) -> None:
 )
 @click.option("--chunk-samples", default=256, type=int, help="Samples per chunk (unit of work).")
 @click.option("--batch-size", default=256, type=int, help="Teacher batch size (<= chunk).")
-@click.option("--workers", default=0, type=int, help="Threads preparing views ahead.")
+@click.option(
+    "--workers",
+    default=0,
+    type=int,
+    help="DataLoader worker processes decoding samples and cutting views (0: in-process).",
+)
+@click.option("--image-column", default=None, help="hfds: image column (default: auto-detect).")
+@click.option("--text-column", default=None, help="hfds: text column (default: auto-detect).")
+@click.option("--label-column", default=None, help="hfds: label column (default: auto-detect).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache with another spec.")
@@ -199,7 +216,15 @@ def precompute(**kw) -> None:
 @click.option("--image-size", default=None, type=int, help="View output size (rrc-flip).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
-@click.option("--workers", default=0, type=int, help="Threads preparing batches ahead.")
+@click.option(
+    "--workers",
+    default=0,
+    type=int,
+    help="DataLoader worker processes replaying views (0: in-process).",
+)
+@click.option("--image-column", default=None, help="hfds: image column (default: auto-detect).")
+@click.option("--text-column", default=None, help="hfds: text column (default: auto-detect).")
+@click.option("--label-column", default=None, help="hfds: label column (default: auto-detect).")
 @click.option("--seed", default=0, type=int, help="Training seed.")
 @click.option("--out", default="runs/distill", help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")

@@ -105,13 +105,8 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             cfg.dataset, root=cfg.data_root, split=cfg.test_split, download=cfg.download, **columns
         )
     num_classes = cfg.num_classes or train.num_classes
-    extra = {"max_length": cfg.max_length} if cfg.student.startswith("hf:") else {}
     model, info = create_model(
-        cfg.student,
-        num_classes=num_classes,
-        pretrained=cfg.pretrained,
-        weights=cfg.weights,
-        **extra,
+        cfg.student, num_classes=num_classes, pretrained=cfg.pretrained, weights=cfg.weights
     )
     modality = info.get("modality", "image")
     if modality != train.modality:

@@ -23,7 +23,7 @@ class PrecomputeConfig:
     pretrained: bool = False
     num_classes: int | None = None
     image_size: int | None = None
-    max_length: int = 128
+    max_length: int | None = None
     mask_prob: float = 0.15
     format: str | None = None
     dtype: str = "float16"

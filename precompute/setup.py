@@ -149,7 +149,9 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
         label_column=cfg.label_column,
         storage_options=cfg.storage_options or None,
     )
-    extra = {"max_length": cfg.max_length} if cfg.teacher.startswith("hf:") else {}
+    extra = (
+        {"max_length": cfg.max_length} if cfg.max_length and cfg.teacher.startswith("hf:") else {}
+    )
     model, info = create_model(
         cfg.teacher,
         num_classes=_num_classes_arg(cfg, dataset),
