@@ -195,8 +195,8 @@ def precompute(**kw) -> None:
 @click.option(
     "--views",
     default="one",
-    type=click.Choice(["one", "all"]),
-    help="Per epoch: one random cached view per sample, or all views.",
+    help="Per epoch: one random cached view per sample, all views, or K: K views of one "
+    "decoded sample per step.",
 )
 @click.option(
     "--teacher-view",

@@ -53,11 +53,14 @@ class ViewMaker:
         return self.cut(raw, params), params
 
     def replay(self, sample: int, params):
-        """Decode once, cut the views of the stored ``params`` (k, P); ``("draw", seed)``
-        draws one fresh view instead (training without a cache). Returns (views, params)."""
+        """Decode once, cut the views of the stored ``params`` (k, P); ``("draw", seed, augs,
+        num_augs)`` draws fresh views instead (training without a cache). Returns
+        (views, params)."""
         raw = self.dataset.load(sample)
-        if isinstance(params, tuple):
-            return self.draw(sample, params[1], 1, False, raw)
+        if isinstance(params, tuple):  # ("draw", seed, augs, num_augs)
+            _, seed, augs, num = params
+            views, drawn = self.draw(sample, seed, num, False, raw)
+            return views[list(augs)], drawn[list(augs)]
         params = np.asarray(params, dtype=np.float32)
         return self.cut(raw, params), params
 
@@ -67,17 +70,19 @@ class ViewMaker:
         return torch.stack([self.policy.view(raw, p) for p in params])
 
     def collate(self, items: list[tuple]) -> dict:
-        """items of (row, views-or-text, params (k, P)) -> one flat batch of views."""
+        """items of (row, views-or-text, params (k, P)) -> one flat batch of all their views
+        (k may differ per item); ``rows`` has one entry per item, ``counts`` its k."""
         rows = np.asarray([it[0] for it in items], dtype=np.int64)
-        params = np.stack([it[2] for it in items])  # (b, k, P)
-        b, k, p = params.shape
-        flat = torch.from_numpy(params.reshape(b * k, p))
+        counts = [len(it[2]) for it in items]
+        params = np.concatenate([np.asarray(it[2], dtype=np.float32) for it in items])
+        flat = torch.from_numpy(params)
         if self.dataset.modality == "text":
-            ids = self.text([it[1] for it in items]).repeat_interleave(k, dim=0)
+            ids = self.text([it[1] for it in items])
+            ids = ids.repeat_interleave(torch.tensor(counts), dim=0)
             views = self.policy.apply(ids, flat)
         else:
             views = torch.cat([it[1] for it in items])
-        return {"rows": rows, "views": views, "params": params}
+        return {"rows": rows, "counts": counts, "views": views, "params": params}
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from cache.errors import KdcacheError
 from data.loader import ReplayLoader, ViewMaker, batched_views, use_batched
 from models.runtime import forward, to_device
 
@@ -23,14 +24,40 @@ def _rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=(int(seed) << 32) + int(epoch) + 1))
 
 
+def views_per_sample(views) -> int:
+    """``--views``: one (1), all (0: every cached view, shuffled) or K (K views of one
+    decoded sample per step, FKD's multi-crop trick)."""
+    if views in ("one", "all"):
+        return 1 if views == "one" else 0
+    try:
+        k = int(views)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise KdcacheError(f"--views {views!r}: expected one, all or a positive integer K")
+    return k
+
+
 def plan_epoch(
     n: int, num_augs: int, batch_size: int, seed: int, epoch: int, views: str, world_size: int = 1
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Global (samples, augs) batches: one seeded view per sample, or every cached view."""
+    """Global (samples, augs) batches: one seeded view per sample, every cached view, or K
+    distinct views per sample kept adjacent (one decode; a batch holds batch_size // K
+    samples). Without a cache (num_augs 1) aug k means the k-th fresh draw."""
     from cache.reader import choose_augs
 
     rng = _rng(seed, epoch)
-    if views == "all":
+    k = views_per_sample(views)
+    if k > 1:
+        if 1 < num_augs < k:
+            raise KdcacheError(f"--views {k} needs >= {k} cached views; the cache has {num_augs}")
+        samples = rng.permutation(n)
+        start = choose_augs(seed, epoch, samples, num_augs) if num_augs > 1 else samples * 0
+        augs = ((start[:, None] + np.arange(k)) % max(num_augs, k)).reshape(-1)
+        samples = np.repeat(samples, k)
+        batch_size = max(1, batch_size // k) * k
+        world_size *= k
+    elif views == "all":
         pairs = rng.permutation(n * num_augs)
         samples, augs = pairs // num_augs, pairs % num_augs
     else:
@@ -63,14 +90,16 @@ class BatchMaker:
         self.cached = teacher is not None and hasattr(teacher, "params")
         self.batched = use_batched(dataset, policy)
         self.workers, self.pin = workers, pin
+        self.group = 1  # views per sample kept together (--views K)
         self._loader: ReplayLoader | None = None
 
     def _plan(self, samples, augs, epoch, t_logits=None, sliced: bool = False) -> dict:
         """Everything of a batch but its views (made here or in a worker)."""
         from data.views import view_params_for
 
-        if not sliced:
-            sl = slice(self.rank, None, self.world)
+        if not sliced:  # rank r takes every world-th sample (with all of its views)
+            g = self.group
+            sl = np.arange(len(samples)).reshape(-1, g)[self.rank :: self.world].reshape(-1)
             samples, augs = samples[sl], augs[sl]
             t_logits = None if t_logits is None else t_logits[sl]
         params = None
@@ -78,7 +107,8 @@ class BatchMaker:
             params = self.teacher.params(samples, augs)
         elif not self.policy.needs_size:  # no cache: fresh seeded params per (seed, epoch)
             seed = self.seed * 100_003 + epoch
-            params = view_params_for(self.policy, seed, self.rows[samples], 1, False)[:, 0]
+            fresh = view_params_for(self.policy, seed, self.rows[samples], self.group, False)
+            params = fresh[np.arange(len(samples)), augs]
         t = None
         if t_logits is not None:
             t = torch.from_numpy(np.ascontiguousarray(t_logits))
@@ -107,12 +137,20 @@ class BatchMaker:
         return next(self.stream(iter([b])))
 
     def _items(self, b: dict) -> list:
-        """One loader item per (row, view): (row, sample, params (1, P) or a fresh draw)."""
-        rows, params = b["samples"], b["params"]
-        if params is None:
-            seed = self.seed * 100_003 + b["epoch"]
-            return [(int(r), int(self.rows[r]), ("draw", seed)) for r in rows]
-        return [(int(r), int(self.rows[r]), params[j : j + 1]) for j, r in enumerate(rows)]
+        """One loader item per run of adjacent views of one row (one decode for all of them):
+        (row, sample, params (k, P)) or a fresh draw of those augs."""
+        rows, augs, params = b["samples"], b.get("augs"), b["params"]
+        cut = np.flatnonzero(np.diff(rows)) + 1
+        items = []
+        for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(rows)], strict=True):
+            r = int(rows[lo])
+            if params is None:
+                seed = self.seed * 100_003 + b["epoch"]
+                draw = ("draw", seed, tuple(int(a) for a in augs[lo:hi]), self.group)
+                items.append((r, int(self.rows[r]), draw))
+            else:
+                items.append((r, int(self.rows[r]), params[lo:hi]))
+        return items
 
     def stream(self, plans) -> Iterator[dict]:
         """Views of planned batches through the worker processes (same order, same bytes)."""
@@ -172,9 +210,15 @@ def epoch_batches(
     """All batches of one epoch, from the RAM plan or the chunk-aware cache iterator. In
     chunk-aware mode each torchrun rank reads only its share of the chunks."""
     t = make.teacher
+    make.group = max(1, views_per_sample(views))
     if t is not None and getattr(t, "chunked", None) is not None:
         from cache.reader import iter_epoch
 
+        if make.group > 1:
+            raise KdcacheError(
+                f"--views {views} needs the cache in RAM; raise --memory-budget-gb "
+                "(the chunk-aware reader takes one view per sample)"
+            )
         mode = "all" if views == "all" else "random"
         plans = (
             make._plan(s, a, epoch, lg, sliced=True)

@@ -82,6 +82,9 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             f"--batch-size {cfg.batch_size} is smaller than the world size "
             f"{rt.world_size}; it is the global batch"
         )
+    from distill.loop import views_per_sample
+
+    views_per_sample(cfg.views)  # validated before anything runs
     loss_fn, needs_teacher, hp = _loss(cfg)
     if needs_teacher and not cfg.caches and cfg.loss != "mrkd":
         raise KdcacheError(f"--loss {cfg.loss} needs teacher logits: give --cache PATH")

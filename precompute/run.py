@@ -272,7 +272,7 @@ def _loop_loader(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo,
                     yield b["views"]
 
             logits = _teacher_logits(setup, views(), rt.device, cfg.amp)
-            p = np.concatenate(params)
+            p = np.concatenate(params).reshape(stop - start, a, -1)
             logits = logits.reshape(stop - start, a, -1)
             _check_finite(logits, start, setup)
             writes.append(io.submit(writer.write_chunk, c, logits, p))

@@ -96,7 +96,7 @@ def test_loader_views_identical_across_workers(folder):
         out = list(precompute_loader(maker, order, 5, 4, True, batches, workers=workers))
         views = torch.cat([b["views"] for b in out])
         assert views.dtype == torch.uint8 and views.shape == (36, 3, 40, 40)
-        return views, np.concatenate([b["params"] for b in out])
+        return views, np.concatenate([b["params"] for b in out]).reshape(9, 4, -1)
 
     v0, p0 = run(0, 1)
     v2, p2 = run(2, 3)
@@ -234,3 +234,50 @@ def test_text_hfds_dynamic_padding_and_max_length(tmp_path, tiny_bert_dir, tiny_
     cli("distill", "--student", f"hf:{tiny_bert_dir}", "--loss", "kd", "--cache", out,
         "--dataset", f"hfds:{tmp_path / 't'}", "--test-split", "none", "--epochs", "1",
         "--batch-size", "4", "--optimizer", "adamw", "--no-plots", "--out", run)  # fmt: skip
+
+
+def test_views_k_decodes_each_sample_once(tmp_path, folder, monkeypatch):
+    """--views K: K distinct cached views of one decoded sample, adjacent in the batch."""
+    from data.datasets import load_dataset
+    from distill.loop import BatchMaker, epoch_batches
+    from distill.teachers import CachedTeacher, open_caches
+
+    w = _weights(tmp_path, "resnet8", 3)
+    _precompute(folder, tmp_path / "v.zarr", w)
+    ds = load_dataset("imagefolder", root=folder)
+    caches = open_caches([str(tmp_path / "v.zarr")], ds, 3, None)
+    teacher = CachedTeacher(caches, "same", "mean-logits", 1 << 30)
+    pol = teacher_policy(caches[0])
+    loads = []
+    real = type(ds).load
+    monkeypatch.setattr(type(ds), "load", lambda self, i: loads.append(i) or real(self, i))
+    make = BatchMaker(ds, pol, teacher)
+    batches = list(epoch_batches(make, len(ds), 6, 0, 0, "3", 0))
+    assert [len(b["samples"]) for b in batches] == [6, 6, 6, 6, 3]
+    params = caches[0].view_params()
+    for b in batches:
+        s, a = b["samples"].reshape(-1, 3), b["augs"].reshape(-1, 3)
+        assert (s == s[:, :1]).all() and all(len(set(x)) == 3 for x in a)
+        for j, (r, g) in enumerate(zip(b["samples"], b["augs"], strict=True)):
+            img = real(ds, ds.keys.index(caches[0].keys()[r]))
+            assert torch.equal(b["views"][j], pol.view(img, params[r, g]))
+    assert len(loads) == len(ds)  # one decode per sample for its 3 views
+
+
+def test_stages_never_import_each_other():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def imports(pkg: str) -> set[str]:
+        found = set()
+        for f in (root / pkg).rglob("*.py"):
+            text = f.read_text()
+            found |= set(re.findall(r"^\s*(?:from|import)\s+(\w+)", text, flags=re.M))
+        return found
+
+    assert "precompute" not in imports("distill") and "distill" not in imports("precompute")
+    for shared in ("data", "models"):
+        assert not {"precompute", "distill"} & imports(shared), shared
+    assert "torch" not in imports("cache")
