@@ -67,7 +67,8 @@ class ViewMaker:
     def cut(self, raw, params: np.ndarray):
         if self.dataset.modality == "text":
             return raw  # tokenized per batch in collate (dynamic padding)
-        return torch.stack([self.policy.view(raw, p) for p in params])
+        views = [self.policy.view(raw, p).numpy() for p in params]
+        return torch.from_numpy(np.stack(views))  # numpy: no OpenMP team per small copy
 
     def collate(self, items: list[tuple]) -> dict:
         """items of (row, views-or-text, params (k, P)) -> one flat batch of all their views
@@ -81,7 +82,7 @@ class ViewMaker:
             ids = ids.repeat_interleave(torch.tensor(counts), dim=0)
             views = self.policy.apply(ids, flat)
         else:
-            views = torch.cat([it[1] for it in items])
+            views = torch.from_numpy(np.concatenate([it[1].numpy() for it in items]))
         return {"rows": rows, "counts": counts, "views": views, "params": params}
 
 

@@ -6,6 +6,7 @@ normalization happen in the model, on the device.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -39,7 +40,23 @@ def eval_transform(img, size, crop_pct: float, interpolation: str) -> torch.Tens
         ratio = min(ih / scale[0], iw / scale[1])
         img = TF.resize(img, [round(ih / ratio), round(iw / ratio)], interpolation=mode)
     img = TF.center_crop(img, [h, w])
-    return TF.pil_to_tensor(img)
+    return to_chw(img)
+
+
+def to_chw(img, flip: bool = False) -> torch.Tensor:
+    """uint8 (3, h, w) of a PIL image, through numpy (single-threaded copies: torch's strided
+    uint8 copies start an OpenMP team per call, ~100x slower for one small image)."""
+    x = np.asarray(img)
+    if flip:
+        x = x[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+@functools.lru_cache(maxsize=16)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """log of the ratio bounds in float32, exactly as torchvision computes them."""
+    lo, hi = torch.log(torch.tensor(ratio)).tolist()
+    return lo, hi
 
 
 def rrc_boxes(
@@ -52,7 +69,7 @@ def rrc_boxes(
     hh = np.broadcast_to(np.asarray(sizes, dtype=np.float64)[..., 0], lead)
     ww = np.broadcast_to(np.asarray(sizes, dtype=np.float64)[..., 1], lead)
     area = hh * ww
-    lr0, lr1 = torch.log(torch.tensor([float(r) for r in ratio])).tolist()  # as torchvision
+    lr0, lr1 = _log_ratio(tuple(float(r) for r in ratio))
     a = u[..., : 2 * attempts].reshape(lead + (attempts, 2))
     target = area[..., None] * (scale[0] + (scale[1] - scale[0]) * a[..., 0])
     aspect = np.exp(lr0 + (lr1 - lr0) * a[..., 1])
@@ -92,5 +109,4 @@ def crop_resize(img, p, size, interpolation: str = "bilinear") -> torch.Tensor:
     out = TF.resized_crop(
         img, top, left, h, w, [int(size[0]), int(size[1])], interp_mode(interpolation)
     )
-    x = TF.pil_to_tensor(out)
-    return x.flip(-1) if float(p[4]) > 0.5 else x
+    return to_chw(out, flip=float(p[4]) > 0.5)
