@@ -59,10 +59,18 @@ def main() -> None:
     crop = get_policy("crop-flip", pad=4)
     p = torch.from_numpy(view_params_for(crop, 0, np.arange(b), 1, False)[:, 0])
     cases.append(("crop-flip 32x32", lambda: crop.apply(raw32, p)))
-    for src, size in ((raw32, 32), (raw64, 64), (raw64, 224)):
+    from PIL import Image
+
+    for src, size in ((raw32, 32), (raw64, 64), (raw64, 224)):  # per sample on the original
         rrc = get_policy("rrc-flip", size=size)
-        q = torch.from_numpy(view_params_for(rrc, 0, np.arange(b), 1, False)[:, 0])
-        cases.append((f"rrc-flip {src.shape[-1]}->{size}", lambda r=rrc, s=src, q=q: r.apply(s, q)))
+        hw = np.array([src.shape[-2:]] * b)
+        q = view_params_for(rrc, 0, np.arange(b), 1, False, hw)[:, 0]
+        imgs = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in src]
+
+        def per_sample(r=rrc, imgs=imgs, q=q):
+            return [r.view(im, p) for im, p in zip(imgs, q, strict=True)]
+
+        cases.append((f"rrc-flip {src.shape[-1]}->{size}", per_sample))
     cases.append(("torchvision per-image crop+flip 32x32", torchvision_per_image(raw32)))
     results = {name: rate(fn, b, args.seconds) for name, fn in cases}
     for name, r in results.items():
@@ -72,7 +80,7 @@ def main() -> None:
         "crop-flip speed-up vs per-image torchvision: %.1fx", results["crop-flip 32x32"] / base
     )
     start = time.perf_counter()
-    view_params_for(get_policy("rrc-flip"), 0, np.arange(50_000), 8, True)
+    view_params_for(get_policy("rrc-flip"), 0, np.arange(50_000), 8, True, [[375, 500]] * 50_000)
     log.info("view_params_for rrc-flip 50k x 8: %.2f s", time.perf_counter() - start)
     start = time.perf_counter()
     view_params_for(crop, 0, np.arange(50_000), 8, True)
