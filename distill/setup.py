@@ -104,9 +104,18 @@ def build_run(cfg: DistillConfig, rt) -> Run:
     )
     test = None
     if cfg.test_split and cfg.test_split != "none":
-        test = load_dataset(
-            cfg.dataset, root=cfg.data_root, split=cfg.test_split, download=cfg.download, **columns
-        )
+        try:
+            test = load_dataset(
+                cfg.dataset,
+                root=cfg.data_root,
+                split=cfg.test_split,
+                download=cfg.download,
+                **columns,
+            )
+        except KdcacheError as e:
+            if "no split" not in str(e):
+                raise
+            raise KdcacheError(f"{e} (--test-split SPLIT, or none to skip evaluation)") from None
     num_classes = cfg.num_classes or train.num_classes
     model, info = create_model(
         cfg.student, num_classes=num_classes, pretrained=cfg.pretrained, weights=cfg.weights

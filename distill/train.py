@@ -123,7 +123,13 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
             _reduce(
                 rt,
                 evaluate_model(
-                    model, r.test, r.policy, rt.device, rank=rt.rank, world_size=rt.world_size
+                    model,
+                    r.test,
+                    r.policy,
+                    rt.device,
+                    rank=rt.rank,
+                    world_size=rt.world_size,
+                    workers=cfg.workers,
                 ),
             )
             if r.test is not None
