@@ -38,8 +38,15 @@ def choose_augs(seed: int, epoch: int, samples: Any, num_augs: int) -> np.ndarra
     return (h % np.uint64(num_augs)).astype(np.int64)
 
 
-def _pairs(samples: np.ndarray, aug_mode: Any, num_augs: int, seed: int, epoch: int):
-    """The (sample, aug) pairs of an epoch for these samples."""
+def _pairs(
+    samples: np.ndarray, aug_mode: Any, num_augs: int, seed: int, epoch: int, group: int = 1
+):
+    """The (sample, aug) pairs of an epoch for these samples (``group`` > 1: that many
+    distinct augs per sample, adjacent, starting at the sample's random aug)."""
+    if aug_mode == "random" and group > 1:
+        start = choose_augs(seed, epoch, samples, num_augs)
+        augs = (start[:, None] + np.arange(group)) % num_augs
+        return np.repeat(samples, group), augs.reshape(-1)
     if aug_mode == "random":
         return samples, choose_augs(seed, epoch, samples, num_augs)
     if aug_mode == "all":
@@ -61,9 +68,13 @@ def iter_epoch(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    group: int = 1,
 ) -> Iterator[Batch]:
     """Yield (samples int64[B], augs int64[B], logits float32[B, C]) covering every chosen
     (sample, aug) once per epoch; ranks get disjoint parts (chunks, or pairs in RAM).
+    ``group`` > 1 (aug_mode "random"): each sample brings that many distinct augs, kept
+    adjacent and never split across batches or ranks (one decode for all of them); batches
+    hold ``batch_size // group`` samples.
 
     `source` is a Cache (chunk-aware) or an InMemoryLogits. drop_last=True yields only full
     batches, the same number on every rank (what DDP needs); the few pairs left over are
@@ -76,14 +87,21 @@ def iter_epoch(
     if world_size < 1 or not 0 <= rank < world_size:
         raise KdcacheError(f"rank {rank} out of range for world_size {world_size}")
 
+    if group > 1 and (aug_mode != "random" or group > source.num_augs):
+        raise KdcacheError(
+            f"group {group} needs aug_mode 'random' and <= {source.num_augs} augs per sample"
+        )
+    g = max(1, int(group))
+    batch_size = max(1, batch_size // g) * g
+
     def pick(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _pairs(samples, aug_mode, source.num_augs, seed, epoch)
+        return _pairs(samples, aug_mode, source.num_augs, seed, epoch, g)
 
     pick(np.empty(0, np.int64))  # validate aug_mode before any reading
-    per_sample = source.num_augs if aug_mode == "all" else 1
+    per_sample = source.num_augs if aug_mode == "all" else g
     key = [seed % 2**63, epoch % 2**63]
     if getattr(source, "in_memory", False):
-        gen = _ram_epoch(source, batch_size, key, pick, rank, world_size)
+        gen = _ram_epoch(source, batch_size, key, pick, rank, world_size, g)
         fewest = source.n * per_sample // world_size
     else:
         source.require_complete()
@@ -92,17 +110,24 @@ def iter_epoch(
         sizes = np.array([min(cs, source.n - int(c) * cs) for c in order])
         fewest = min(int(sizes[r::world_size].sum()) for r in range(world_size)) * per_sample
         rng = np.random.default_rng(key + [1, rank])
-        gen = _chunk_epoch(source, order[rank::world_size], batch_size, buffer_chunks, rng, pick)
+        gen = _chunk_epoch(source, order[rank::world_size], batch_size, buffer_chunks, rng, pick, g)
     yield from itertools.islice(gen, fewest // batch_size if drop_last else None)
 
 
 Pick = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _ram_epoch(src: Any, bs: int, key: list, pick: Pick, rank: int, world: int) -> Iterator[Batch]:
-    """Global shuffle of all the epoch's pairs; rank r takes every world-th pair."""
+def _grouped(perm: np.ndarray, g: int) -> np.ndarray:
+    """Pair indices of a permutation of groups of g adjacent pairs."""
+    return perm if g == 1 else (perm[:, None] * g + np.arange(g)).reshape(-1)
+
+
+def _ram_epoch(
+    src: Any, bs: int, key: list, pick: Pick, rank: int, world: int, g: int = 1
+) -> Iterator[Batch]:
+    """Global shuffle of all the epoch's pairs (groups); rank r takes every world-th one."""
     s, a = pick(np.arange(src.n, dtype=np.int64))
-    perm = np.random.default_rng(key + [0]).permutation(len(s))[rank::world]
+    perm = _grouped(np.random.default_rng(key + [0]).permutation(len(s) // g)[rank::world], g)
     s, a = s[perm], a[perm]
     for i in range(0, len(s), bs):
         yield s[i : i + bs], a[i : i + bs], src.read(s[i : i + bs], a[i : i + bs])
@@ -114,7 +139,7 @@ def _take(rows: Rows, idx: Any) -> Rows:
 
 def _chunk_epoch(
     src: Any, chunks: np.ndarray, bs: int, buffer_chunks: int, rng: np.random.Generator,
-    pick: Pick,
+    pick: Pick, g: int = 1,
 ) -> Iterator[Batch]:  # fmt: skip
     """Read `buffer_chunks` chunks (checksum-verified), shuffle their rows, yield full
     batches, carry the rest."""
@@ -129,7 +154,7 @@ def _chunk_epoch(
             parts_s.append(s)
             parts_a.append(a)
             parts_r.append({k: v[s - start, a] for k, v in stored.items()})
-        perm = rng.permutation(sum(len(p) for p in parts_s))
+        perm = _grouped(rng.permutation(sum(len(p) for p in parts_s) // g), g)
         s = np.concatenate([left_s, np.concatenate(parts_s)[perm]])
         a = np.concatenate([left_a, np.concatenate(parts_a)[perm]])
         rows = {k: np.concatenate([p[k] for p in parts_r])[perm] for k in parts_r[0]}

@@ -214,10 +214,10 @@ def epoch_batches(
     if t is not None and getattr(t, "chunked", None) is not None:
         from cache.reader import iter_epoch
 
-        if make.group > 1:
+        if 1 < t.num_augs < make.group:
             raise KdcacheError(
-                f"--views {views} needs the cache in RAM; raise --memory-budget-gb "
-                "(the chunk-aware reader takes one view per sample)"
+                f"--views {make.group} needs >= {make.group} cached views; the cache has "
+                f"{t.num_augs}"
             )
         mode = "all" if views == "all" else "random"
         plans = (
@@ -231,6 +231,7 @@ def epoch_batches(
                 rank=make.rank,
                 world_size=make.world,
                 drop_last=make.world > 1,  # the same number of steps on every rank
+                group=make.group,
             )
         )
     else:

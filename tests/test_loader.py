@@ -255,13 +255,20 @@ def test_views_k_decodes_each_sample_once(tmp_path, folder, monkeypatch):
     batches = list(epoch_batches(make, len(ds), 6, 0, 0, "3", 0))
     assert [len(b["samples"]) for b in batches] == [6, 6, 6, 6, 3]
     params = caches[0].view_params()
-    for b in batches:
+    chunked = CachedTeacher(caches, "same", "mean-logits", 0)  # chunk-aware: groups too
+    make2 = BatchMaker(ds, pol, chunked)
+    batches2 = list(epoch_batches(make2, len(ds), 6, 0, 0, "3", 0))
+    assert sorted(np.concatenate([b["samples"] for b in batches2]).tolist()) == sorted(
+        np.repeat(np.arange(9), 3).tolist()
+    )
+    assert len(loads) == 2 * len(ds)
+    loads.clear()
+    for b in batches + batches2:
         s, a = b["samples"].reshape(-1, 3), b["augs"].reshape(-1, 3)
         assert (s == s[:, :1]).all() and all(len(set(x)) == 3 for x in a)
         for j, (r, g) in enumerate(zip(b["samples"], b["augs"], strict=True)):
             img = real(ds, ds.keys.index(caches[0].keys()[r]))
             assert torch.equal(b["views"][j], pol.view(img, params[r, g]))
-    assert len(loads) == len(ds)  # one decode per sample for its 3 views
 
 
 def test_stages_never_import_each_other():
