@@ -190,7 +190,7 @@ class WebDataset(SourceBase):
 
 @register_source("wds:", help="wds:URL, WebDataset tar shards (brace patterns; local or fsspec)")
 def _open_wds(name: str, root, split: str, download: bool, **kw) -> WebDataset:
-    url = name[len("wds:") :]
+    url = name[len("wds:") :] or (str(root) if root else "")
     if not url:
         raise KdcacheError("wds: needs a shard URL, e.g. --dataset wds:/data/shard-{000..009}.tar")
     return WebDataset(url, split, kw.get("storage_options"))

@@ -23,9 +23,11 @@ def replay_problems(cache, data_root: str | None) -> list[str]:
     digests = (cache.attrs.get("provenance") or {}).get("replay_digests") or []
     if not digests:
         return ["cache stores no replay digests"]
-    ds = load_dataset(
-        spec.dataset["name"], root=data_root, split=spec.dataset["split"], max_samples=spec.n
-    )
+    name, prov = spec.dataset["name"], cache.attrs.get("provenance") or {}
+    if name in ("hfds", "wds"):  # located by --data-root, else where stage 1 read it
+        where = data_root or str(prov.get("dataset", "")).partition(":")[2]
+        name, data_root = f"{name}:{where}", None
+    ds = load_dataset(name, root=data_root, split=spec.dataset["split"], max_samples=spec.n)
     samples, same = cache_rows(spec.dataset, cache.keys, ds)
     if not same:
         return [f"dataset at {data_root!r} does not match the cache's dataset fingerprint"]

@@ -77,6 +77,8 @@ class Setup:
             "user": _user(),
             "host": platform.node(),
             "command": cfg.command,
+            "dataset": cfg.dataset,
+            "data_root": cfg.data_root,
             "replay_digests": replay_digests(self),
         }
 
@@ -172,7 +174,9 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
     policy = make_policy(cfg.augment, dataset, info, cfg.image_size, cfg.mask_prob, tok)
     order, order_spec = row_order(dataset, cfg.seed)
     dataset_spec = dataset.spec()
-    dataset_spec["name"] = cfg.dataset
+    # the source kind, not its location: the same shards at another path or bucket give the
+    # same key (the fingerprint identifies the data); the location goes to provenance
+    dataset_spec["name"] = cfg.dataset.split(":", 1)[0] if ":" in cfg.dataset else cfg.dataset
     if order_spec is not None:  # keys/labels/fingerprint are those of the rows
         dataset_spec["order"] = order_spec
         dataset_spec["fingerprint"] = ordered_fingerprint(dataset, order)
@@ -253,7 +257,7 @@ def resolve_out_path(cfg: PrecomputeConfig, setup: Setup) -> str:
     else:
         ext = ".zarr" if setup.backend == "zarr" else ".h5"
         name = f"{slug(cfg.teacher)}-{setup.spec.key()[:12]}{ext}"
-        path = f"{out}/{cfg.dataset}-{cfg.split}/{name}"
+        path = f"{out}/{setup.spec.dataset['name']}-{cfg.split}/{name}"
     if "://" not in path or path.startswith("file://"):
         _check_writable(Path(path.removeprefix("file://")))
     return path

@@ -327,3 +327,20 @@ def test_hfds_images_and_wds_shards_end_to_end(tmp_path, monkeypatch):
     (la, pa, xa), (lb, pb, xb) = got["hf"], got["wds"]
     assert np.array_equal(la, lb) and np.array_equal(pa, pb)
     np.testing.assert_allclose(xa, xb, atol=1e-3)
+
+
+def test_key_names_the_source_kind_not_its_location(tmp_path):
+    import shutil
+
+    from precompute.config import PrecomputeConfig
+    from precompute.setup import build_setup
+    from tests.datatools import hf_image_dataset
+
+    hf_image_dataset(3).save_to_disk(str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    specs = [
+        build_setup(PrecomputeConfig(teacher="resnet8", out=str(tmp_path / "o"),
+                                     dataset=f"hfds:{tmp_path / d}", augment="rrc-flip")).spec
+        for d in ("a", "b")
+    ]  # fmt: skip
+    assert specs[0].key() == specs[1].key() and specs[0].dataset["name"] == "hfds"
