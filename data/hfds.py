@@ -118,11 +118,14 @@ class HFDataset(SourceBase):
         import datasets
 
         feat = ds.features[label]
-        values = ds[label]
+        if ds._indices is None:  # straight from the Arrow column (no Python row objects)
+            values = ds.data.column(label).to_numpy(zero_copy_only=False)
+        else:
+            values = list(ds[label])
         if isinstance(feat, datasets.ClassLabel):
             labels, classes = np.asarray(list(values), dtype=np.int64), list(feat.names)
-        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            labels, classes = np.asarray(list(values), dtype=np.int64), None
+        elif np.asarray(values).dtype.kind in "iu":
+            labels, classes = np.asarray(values, dtype=np.int64), None
         else:
             strs = [str(v) for v in values]
             classes = sorted(set(strs))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ class TextCollate:
     def __init__(self, tokenizer, max_length: int) -> None:
         if max_length < 1:
             raise KdcacheError(f"--max-length {max_length} must be >= 1")
+        # batches are small and tokenized in loader workers (forked): no Rust thread pool
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tokenizer, self.max_length = tokenizer, int(max_length)
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
