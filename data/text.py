@@ -134,3 +134,28 @@ def _load_text(name: str, root, split: str, download: bool, **kw) -> TextDataset
         raise KdcacheError(f"{str(path)!r} has duplicate ids; keys must be unique")
     texts = [str(r["text"]) for r in rows]
     return TextDataset(name, split, keys, labels, num_classes, texts, classes)
+
+
+def _seed_scores(seed: int, length: int) -> np.ndarray:
+    """Per-position random scores of one sample; seed -1 (identity) masks nothing."""
+    if seed < 0:
+        return np.full(length, np.inf)
+    return np.random.Generator(np.random.Philox(seed)).random(length)
+
+
+def text_inputs(ids: torch.Tensor, pad_id: int, original: torch.Tensor | None = None) -> dict:
+    """Model inputs from (masked) ids; the attention mask comes from the unmasked ids."""
+    ref = ids if original is None else original
+    return {"input_ids": ids, "attention_mask": (ref != pad_id).long()}
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
+    """Token ids (N, L <= max_length), padded to the longest, truncated (dynamic padding)."""
+    enc = tokenizer(
+        list(texts),
+        padding="longest",
+        truncation=True,
+        max_length=int(max_length),
+        return_tensors="pt",
+    )
+    return enc["input_ids"].long()

@@ -20,17 +20,21 @@ size. Stage 2 replays the *stored* params, so an RNG change in numpy cannot brea
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cache.errors import KdcacheError
 from data.base import lookup, registry_decorator
+from data.params import (  # noqa: F401 - re-exported: the views API
+    _sample_key,
+    philox_uniforms,
+    view_digest,
+    view_params_for,
+)
+from data.text import _seed_scores, text_inputs, tokenize_texts  # noqa: F401 - views API
 from data.transforms import crop_resize, eval_transform, rrc_boxes
 
-_U64 = (1 << 64) - 1
 POLICIES: dict = {}
 register_policy = registry_decorator(POLICIES, "view policy")
 
@@ -312,31 +316,6 @@ class TokenMask(ViewPolicyBase):
         return text_inputs(masked, self.params["pad_id"], original=ids)
 
 
-def _seed_scores(seed: int, length: int) -> np.ndarray:
-    """Per-position random scores of one sample; seed -1 (identity) masks nothing."""
-    if seed < 0:
-        return np.full(length, np.inf)
-    return np.random.Generator(np.random.Philox(seed)).random(length)
-
-
-def text_inputs(ids: torch.Tensor, pad_id: int, original: torch.Tensor | None = None) -> dict:
-    """Model inputs from (masked) ids; the attention mask comes from the unmasked ids."""
-    ref = ids if original is None else original
-    return {"input_ids": ids, "attention_mask": (ref != pad_id).long()}
-
-
-def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    """Token ids (N, L <= max_length), padded to the longest, truncated (dynamic padding)."""
-    enc = tokenizer(
-        list(texts),
-        padding="longest",
-        truncation=True,
-        max_length=int(max_length),
-        return_tensors="pt",
-    )
-    return enc["input_ids"].long()
-
-
 def get_policy(name: str, **kw) -> ViewPolicyBase:
     """Build a policy; ``get_policy(name, **policy.params)`` rebuilds an equal one."""
     cls = lookup(POLICIES, name, "view policy")
@@ -344,74 +323,3 @@ def get_policy(name: str, **kw) -> ViewPolicyBase:
         return cls(**kw)
     except TypeError as e:
         raise KdcacheError(f"bad options for view policy {name!r}: {e}") from e
-
-
-def _sample_key(seed: int, i: int) -> int:
-    return ((int(seed) & _U64) << 64) | (int(i) & _U64)
-
-
-def philox_uniforms(seed: int, samples: np.ndarray, count: int) -> np.ndarray:
-    """(B, count) float64: the first ``count`` numbers of
-    ``Generator(Philox(key=(seed << 64) | i)).random()`` for each i, ~10x faster than building
-    a Generator per sample (one bit generator whose key/counter state is reset)."""
-    samples = np.asarray(samples, dtype=np.int64).reshape(-1)
-    if len(samples) == 1:  # one sample (a loader worker): a fresh generator is cheapest
-        gen = np.random.Generator(np.random.Philox(key=_sample_key(seed, int(samples[0]))))
-        return gen.random(count)[None]
-    bitgen = np.random.Philox(key=0)
-    state = bitgen.state
-    inner = state["state"]
-    samples = np.asarray(samples, dtype=np.int64).reshape(-1)
-    out = np.empty((len(samples), count), dtype=np.float64)
-    raw = np.empty((min(len(samples), 1024), count), dtype=np.uint64)  # cache-sized blocks
-    hi = int(seed) & _U64
-    for start in range(0, len(samples), len(raw)):
-        block = samples[start : start + len(raw)].tolist()
-        for j, i in enumerate(block):
-            inner["key"] = np.array([i & _U64, hi], dtype=np.uint64)
-            inner["counter"] = np.zeros(4, dtype=np.uint64)
-            state["buffer_pos"] = 4  # empty buffer: the next draw starts at counter 0
-            state["has_uint32"] = 0
-            bitgen.state = state
-            raw[j] = bitgen.random_raw(count)
-        bits = raw[: len(block)] >> np.uint64(11)  # numpy's next_double: 53 random bits
-        np.multiply(
-            bits.view(np.int64), 1.0 / 9007199254740992.0, out=out[start : start + len(block)]
-        )
-    return out
-
-
-def view_params_for(
-    policy: ViewPolicyBase,
-    seed: int,
-    samples,
-    num_augs: int,
-    identity_view: bool,
-    sizes: np.ndarray | None = None,
-) -> np.ndarray:
-    """(B, A, P) float32 params for global sample indices ``samples`` (of original ``sizes``
-    (B, 2) = (H, W) for ``needs_size`` policies); see module docstring."""
-    samples = np.asarray(samples, dtype=np.int64).reshape(-1)
-    if num_augs < 1:
-        raise KdcacheError(f"num_augs must be >= 1, got {num_augs}")
-    if len(samples) and samples.min() < 0:
-        raise KdcacheError("sample indices must be >= 0")
-    u = philox_uniforms(seed, samples, num_augs * policy.num_uniforms)
-    u = u.reshape(len(samples), num_augs, policy.num_uniforms)
-    if sizes is not None:
-        sizes = np.asarray(sizes, dtype=np.float64).reshape(len(samples), 1, 2)
-    out = policy.from_uniforms(u, sizes).astype(np.float32, copy=False)
-    if identity_view:
-        out[:, 0] = policy.identity_params()
-    return np.ascontiguousarray(out)
-
-
-def view_digest(view) -> str:
-    """sha256 of a view's dtype, shape and bytes (dict views: over sorted keys)."""
-    h = hashlib.sha256()
-    items = sorted(view.items()) if isinstance(view, dict) else [("", view)]
-    for key, t in items:
-        t = torch.as_tensor(t).detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
