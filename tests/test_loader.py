@@ -344,3 +344,21 @@ def test_key_names_the_source_kind_not_its_location(tmp_path):
         for d in ("a", "b")
     ]  # fmt: skip
     assert specs[0].key() == specs[1].key() and specs[0].dataset["name"] == "hfds"
+
+
+def test_torchrun_two_ranks_with_workers_equal_one_process(tmp_path, folder):
+    """Native images, rrc-flip, loader workers: world size 2 writes the same bytes."""
+    from tests.clitools import torchrun
+
+    w = _weights(tmp_path, "resnet8", 3)
+    _precompute(folder, tmp_path / "one.zarr", w, "--workers", "1")
+    args = ["precompute", "--teacher", "resnet8", "--weights", w, "--dataset", "imagefolder",
+            "--data-root", folder, "--augment", "rrc-flip", "--num-augs", "3",
+            "--chunk-samples", "4", "--dtype", "float32", "--workers", "1",
+            "--out", tmp_path / "two.zarr"]  # fmt: skip
+    p = torchrun(2, *args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = _arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr")
+    for k in ("params", "keys", "labels"):
+        assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
+    np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-5)
