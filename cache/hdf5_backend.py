@@ -9,10 +9,31 @@ import numpy as np
 
 from cache import remote
 from cache.backends import META_KEY, Backend, layout, row_arrays
-from cache.errors import KdcacheError
+from cache.errors import CacheCorruptError, CacheLockedError, KdcacheError
 from cache.remote import is_remote, split_hdf5
 from cache.sparse import get_codec
 from cache.spec import CacheSpec, canonical_json
+
+
+def open_error(file: str, e: OSError) -> KdcacheError:
+    """Tell a lock held by another process from a damaged file: only errno EAGAIN/EWOULDBLOCK
+    ("unable to lock file") is a lock; "bad ... superblock" merely contains the letters."""
+    msg = str(e)
+    detail = msg[msg.find("(") + 1 : msg.rfind(")")] if "(" in msg else msg
+    if isinstance(e, BlockingIOError) or "unable to lock file" in msg:
+        return CacheLockedError(
+            f"HDF5 file {file} is open for writing by another process (HDF5 allows one writer "
+            "and no other openers meanwhile; ranks write shard files that merge_shards joins)"
+        )
+    if "truncated file" in msg:
+        return CacheCorruptError(
+            f"HDF5 file {file} is truncated ({detail}); an interrupted copy? pull/copy it again"
+        )
+    if "signature" in msg and "not found" in msg:
+        return KdcacheError(f"{file} is not an HDF5 file ({detail})")
+    return CacheCorruptError(
+        f"HDF5 file {file} is corrupt ({detail}); pull/copy it again, or delete it and rerun"
+    )
 
 
 class HDF5Backend(Backend):
@@ -38,22 +59,16 @@ class HDF5Backend(Backend):
                 self._fobj = fs.open(p, "rb", block_size=1 << 22)
             try:
                 self.f = h5py.File(self._fobj, "r")
-            except OSError:
+            except OSError as e:
                 self._fobj.close()
-                raise KdcacheError(f"{file} is not an HDF5 file") from None
+                raise open_error(file, e) from None
         else:
             if not h5py.is_hdf5(file):
                 raise KdcacheError(f"{file} is not an HDF5 file")
             try:
                 self.f = h5py.File(file, "r+" if writable else "r")
             except OSError as e:
-                if "lock" in str(e).lower():
-                    raise KdcacheError(
-                        f"HDF5 file {file} is open for writing by another process (HDF5 allows "
-                        "one writer and no other openers meanwhile; ranks write shard files "
-                        "that merge_shards joins)"
-                    ) from None
-                raise KdcacheError(f"cannot open HDF5 file {file}: {e}") from None
+                raise open_error(file, e) from None
         self.root = self.f
         if group is not None:
             if group not in self.f:

@@ -24,12 +24,11 @@ from cache.epoch import (  # noqa: F401 - re-exported: the reader API
     training_source,
 )
 from cache.errors import CacheCorruptError, KdcacheError
+from cache.schema import MULTI, check_counts, check_meta
 from cache.sparse import Codec, get_codec
 from cache.spec import FORMAT_VERSION, CacheSpec
 
 log = logging.getLogger(__name__)
-
-MULTI = "multi-teacher"
 
 
 def _first(idx: Any, k: int = 5) -> str:
@@ -53,20 +52,19 @@ class Cache:
         self.path = backend.path
         self.backend_name = backend.name
         try:
-            meta = backend.get_meta()
+            meta = check_meta(backend.get_meta(), self.path)
             if meta.get("kind") == MULTI:
                 raise KdcacheError(
                     f"{self.path} is a multi-teacher store (members {meta.get('members')}); "
                     f"open a member as {self.path}/<member>"
                 )
-            if not isinstance(meta.get("spec"), dict):
-                raise KdcacheError(f"{self.path} has kdcache attrs without a spec; not a cache")
             if meta.get("format_version") != FORMAT_VERSION:
                 raise KdcacheError(
                     f"cache {self.path} has format_version {meta.get('format_version')!r}; "
                     f"this kdcache reads {FORMAT_VERSION}"
                 )
             self.spec = CacheSpec.from_dict(meta["spec"])
+            check_counts(meta, self.spec, self.path)
         except BaseException:
             backend.close()
             raise
@@ -92,7 +90,8 @@ class Cache:
 
     def refresh(self) -> dict:
         """Re-read attrs (another rank may have finalized)."""
-        self.attrs = self._b.get_meta()
+        self.attrs = check_meta(self._b.get_meta(), self.path)
+        check_counts(self.attrs, self.spec, self.path)
         self._done_cache = None
         return self.attrs
 
@@ -251,6 +250,42 @@ class Cache:
         return InMemoryLogits(
             arrays, self.dtype, chunk_samples=self.chunk_samples, codec=self.codec
         )
+
+    def structure_problems(self) -> list[str]:
+        """The cheap structural checks of `verify` (no chunk reads): every array has the
+        shape and stored dtype the spec implies, and the attrs key is the spec's key."""
+        from cache.backends import layout
+
+        problems = []
+        targets = self.codec.layout()
+        for name, (shape, dtype, _chunks) in layout(self.spec).items():
+            try:
+                got, got_dtype = self._b.shape(name), self._b.stored_dtype(name)
+            except KdcacheError as e:
+                problems.append(str(e))
+                continue
+            if got != shape:
+                problems.append(f"array {name} has shape {got}; spec says {shape}")
+            want = targets[name][2] if name in targets else np.dtype(dtype).name
+            if name == "keys":
+                want = "str"
+            if got_dtype != want:
+                problems.append(f"array {name} has dtype {got_dtype}; spec says {want}")
+        if self.attrs.get("key") != self.key:
+            have = self.attrs.get("key")
+            problems.append(f"attrs key {have} != key of the stored spec {self.key}")
+        return problems
+
+    def check_structure(self) -> None:
+        """CacheCorruptError naming the first problems of structure_problems(); run whenever a
+        cache is opened to be used, so hand-edited attrs never give silently wrong targets."""
+        problems = self.structure_problems()
+        if problems:
+            more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+            raise CacheCorruptError(
+                f"cache {self.path} does not match its own spec: {'; '.join(problems[:2])}{more}; "
+                "`cache verify` lists everything; pull/copy the cache again"
+            )
 
     def close(self) -> None:
         self._b.close()

@@ -172,19 +172,25 @@ def open_cache(
         raise
 
 
-def open_members(path: str, storage_options: dict | None = None) -> list[Cache]:
+def open_members(path: str, storage_options: dict | None = None, check: bool = True) -> list[Cache]:
     """The caches at `path`, read-only: one for a cache, every member of a multi-teacher
-    store (in order)."""
+    store (in order). check=True runs the cheap structural checks (what training and copies
+    rely on: shapes, stored dtypes, key)."""
     meta = read_meta(path, storage_options)
     if meta.get("kind") != MULTI:
-        return [open_cache(path, storage_options=storage_options)]
-    members = meta.get("members") or []
-    if not meta.get("complete"):
-        raise KdcacheError(f"multi-teacher store {path} is incomplete (its merge did not finish)")
+        paths = [path]
+    else:
+        if not meta.get("complete"):
+            raise KdcacheError(
+                f"multi-teacher store {path} is incomplete (its merge did not finish)"
+            )
+        paths = [remote.join(path, m) for m in meta["members"]]
     out: list[Cache] = []
     try:
-        for m in members:
-            out.append(open_cache(remote.join(path, m), storage_options=storage_options))
+        for p in paths:
+            out.append(open_cache(p, storage_options=storage_options))
+            if check:
+                out[-1].check_structure()
     except BaseException:
         for c in out:
             c.close()
