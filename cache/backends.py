@@ -116,6 +116,10 @@ class Backend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
+    def abandon(self) -> None:
+        """Drop the handles after a failed write without flushing anything more."""
+        self.close()
+
     def size_bytes(self) -> int | None:
         """Bytes on disk / in the object store (None when the store cannot list sizes)."""
         return remote.size(self.path, self.storage_options)

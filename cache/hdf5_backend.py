@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -70,6 +73,7 @@ class HDF5Backend(Backend):
             except OSError as e:
                 raise open_error(file, e) from None
         self.root = self.f
+        self._dsets: dict[str, Any] = {}
         if group is not None:
             if group not in self.f:
                 self.close()
@@ -129,9 +133,14 @@ class HDF5Backend(Backend):
         self.f.flush()
 
     def _ds(self, name: str) -> Any:
-        if name not in self.root:
-            raise KdcacheError(f"cache {self.path} has no array {name!r}")
-        return self.root[name]
+        """Datasets stay open: closing one flushes its chunk cache, and h5py reports errors of
+        that (a full disk) only as ignored exceptions, while flush() raises them."""
+        ds = self._dsets.get(name)
+        if ds is None:
+            if name not in self.root:
+                raise KdcacheError(f"cache {self.path} has no array {name!r}")
+            ds = self._dsets[name] = self.root[name]
+        return ds
 
     def has(self, name: str) -> bool:
         return name in self.root
@@ -159,8 +168,30 @@ class HDF5Backend(Backend):
 
     def flush(self) -> None:
         self.f.flush()
+        if self.writable and self._fobj is None:  # HDF5 may report a failed write only later
+            size = os.fstat(self.f.id.get_vfd_handle()).st_size
+            if size < self.f.id.get_filesize():
+                raise OSError(errno.ENOSPC, f"{self.path} is shorter than HDF5 wrote it")
+
+    def abandon(self) -> None:
+        """After a failed write HDF5 still holds dirty metadata that closing would write into
+        a full disk, tearing what was consistent: point the file descriptor at /dev/null
+        first, so the file keeps the state of its last successful flush."""
+        if self.writable and self._fobj is None and self.f.id.valid:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, self.f.id.get_vfd_handle())
+                os.close(null)
+            except OSError:
+                pass
+            self._dsets.clear()
+            with contextlib.suppress(Exception):
+                self.f.close()
+            return
+        self.close()
 
     def close(self) -> None:
+        self._dsets.clear()
         if self.f.id.valid:
             self.f.close()
         if self._fobj is not None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cache import lock as lockmod
-from cache import remote
+from cache import remote, space
 from cache.backends import (
     Backend,
     ZarrBackend,
@@ -107,6 +107,20 @@ class CacheWriter(Cache):
                 f"{sorted(self.codec.names)}"
             )
         start, _stop = self.chunk_range(c)
+        need = sum(a.nbytes for a in arrays.values()) + vp.nbytes + len(digest)
+        space.require_space(self.path, need, f"chunk {c}", self._kept())
+        try:
+            self._write_ordered(c, start, arrays, vp, digest)
+        except Exception as e:
+            if not space.is_enospc(e):
+                raise
+            kept = self._kept()
+            self._b.abandon()  # never flush half-written state over the consistent one
+            raise space.disk_full(self.path, f"chunk {c}", kept) from None
+
+    def _write_ordered(
+        self, c: int, start: int, arrays: dict[str, np.ndarray], vp: np.ndarray, digest: bytes
+    ) -> None:
         if self._chunk_done(c):  # rewriting: clear the flag first so a crash cannot leave it
             self._b.write("done", c, np.zeros(1, np.uint8))
             self._b.flush()
@@ -119,6 +133,13 @@ class CacheWriter(Cache):
         self._b.flush()
         self._b.write("done", c, np.ones(1, np.uint8))
         self._b.flush()
+
+    def _kept(self) -> str:
+        try:
+            done = int(np.asarray(self._b.read("done")).astype(bool).sum())
+        except Exception:  # noqa: BLE001 - only for the message
+            return "every finished chunk is kept"
+        return f"the {done} finished chunks of {self.n_chunks} are kept"
 
     def finalize(self, extra: dict | None = None) -> None:
         """Once all chunks are done: checksums + complete into attrs (written last), then
@@ -267,7 +288,12 @@ def create_cache(
                 return CacheWriter(open_backend(path, True, so), wlock)
             tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
-                backend_class(bname).create(tmp, spec, meta, labels, keys)
+                try:
+                    backend_class(bname).create(tmp, spec, meta, labels, keys)
+                except OSError as e:
+                    if space.is_enospc(e):
+                        raise space.disk_full(path, "a new cache", "nothing was created") from None
+                    raise
                 if _publish(tmp, path, bname):
                     return CacheWriter(open_backend(path, True, so), wlock)
             finally:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from cache.backends import backend_class, exists
-from cache.errors import KdcacheError
+from cache.errors import DiskFullError, KdcacheError
 from data.datasets import raw_batch
 from models.runtime import (
     Runtime,
@@ -127,9 +127,10 @@ def _run(cfg: PrecomputeConfig, rt: Runtime) -> dict:
     writer = _open_writer(cfg, setup, rt, path)
     try:
         return _compute(cfg, rt, setup, path, writer, t0)
-    except KdcacheError:
-        if rt.is_main and not existed:  # a run that fails on bad input leaves nothing behind
-            writer.close()
+    except KdcacheError as e:
+        writer.close()  # releases the lock: a rerun never finds a leftover one
+        # a run that fails on bad input leaves nothing behind; a full disk keeps every chunk
+        if rt.is_main and not existed and not isinstance(e, DiskFullError):
             backend_class(setup.backend).delete(path, cfg.storage_options or None)
         raise
 

@@ -4,22 +4,27 @@ and attrs, damaged HDF5 files, concurrent lock takeover, kills and leftovers.
 Each test failed before its fix (issue 9); the item number is in the test's name.
 """
 
+import errno
 import json
 import os
 import socket
+import subprocess
 
 import h5py
+import numpy as np
 import pytest
 import zarr
 
 from cache import lock as lockmod
 from cache.backends import open_backend
-from cache.errors import CacheCorruptError, CacheLockedError, KdcacheError
+from cache.errors import CacheCorruptError, CacheLockedError, DiskFullError, KdcacheError
 from cache.schema import plain_name
-from cache.spec import CacheSpec
-from cache.store import open_cache, open_members
+from cache.spec import CacheSpec, dataset_fingerprint
+from cache.store import create_cache, open_cache, open_members
+from cache.verify import verify
 from tests.clitools import cli
 from tests.test_cache import respec, write
+from tests.test_share import same_bytes
 
 
 def err_line(res) -> str:
@@ -222,3 +227,116 @@ def test_7_concurrent_takeovers_one_winner(tmp_path):
     done.touch()
     codes = sorted(p.wait() for p in procs)
     assert codes == [0] + [3] * 5, codes
+
+
+# -- 2. full disk --------------------------------------------------------------------------
+BIG_N, BIG_A, BIG_C = 64, 4, 1000  # float32: 128 KiB per chunk of 8 samples, 1 MiB in all
+
+
+def big_spec():
+    keys = [f"k{i}" for i in range(BIG_N)]
+    labels = np.arange(BIG_N) % BIG_C
+    spec = CacheSpec(
+        teacher={"name": "big", "num_classes": BIG_C},
+        dataset={"n": BIG_N, "fingerprint": dataset_fingerprint(keys, labels)},
+        views={"num_augs": BIG_A},
+        storage={"chunk_samples": 8, "dtype": "float32"},
+    )
+    return spec, keys, labels
+
+
+def write_big(path) -> list[int]:
+    """Write every missing chunk of the big cache; returns the chunks written."""
+    spec, keys, labels = big_spec()
+    logits = np.random.default_rng(0).normal(size=(BIG_N, BIG_A, BIG_C)).astype(np.float32)
+    w = create_cache(str(path), spec, labels=labels, keys=keys)
+    written = []
+    try:
+        for c in w.todo_chunks():
+            s, e = w.chunk_range(c)
+            w.write_chunk(c, logits[s:e], np.zeros((e - s, BIG_A, 0), np.float32))
+            written.append(c)
+        w.finalize()
+    finally:
+        w.close()
+    return written
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 640 KiB tmpfs (needs root: `mount -t tmpfs`); resize(n) frees or takes space."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (not root?); test_2_enospc_simulated covers it")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+    try:
+        yield mnt, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_2_full_disk_keeps_chunks_and_resumes_bit_identical(tmp_path, small_disk, suffix):
+    ref = tmp_path / f"ref{suffix}"
+    write_big(ref)
+    disk, resize = small_disk
+    path = disk / f"c{suffix}"
+    with pytest.raises(DiskFullError, match=r"no space left .* finished chunks of 8 are kept"):
+        write_big(path)
+    with open_cache(str(path)) as c:  # still a cache: every finished chunk is there
+        done = int(c.done().sum())
+        assert 1 <= done < 8
+    assert [p for p in verify(str(path)) if "incomplete" not in p] == []
+    assert lockmod.read_lock(str(path)) is None
+    resize("4m")
+    assert write_big(path) == list(range(done, 8))  # the rerun only does what was missing
+    assert verify(str(path)) == [] and same_bytes(ref, path)
+    assert sorted(os.listdir(disk)) == [path.name]  # no lock, no temp files left
+
+
+def test_2_full_disk_pull_hdf5_one_error_line_then_resume(tmp_path, small_disk):
+    src = tmp_path / "src.zarr"
+    write_big(src)
+    disk, resize = small_disk
+    dst = disk / "dst.h5"
+    line = err_line(cli("cache", "pull", src, dst, "--no-progress", ok=False))
+    assert "no space left" in line and "rerun the same command" in line
+    assert not dst.exists() and (disk / "dst.partial.h5").exists()
+    resize("4m")
+    cli("cache", "pull", src, dst, "--no-progress")
+    assert verify(str(dst)) == [] and same_bytes(src, dst)
+    assert sorted(os.listdir(disk)) == ["dst.h5"]
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_2_enospc_simulated(tmp_path, monkeypatch, suffix):
+    """ENOSPC from the write layer mid-chunk (what another process filling the disk causes,
+    after the free-space check passed): one DiskFullError, the file stays consistent."""
+    from cache import space
+    from cache.backends import backend_class
+
+    ref = write_big(tmp_path / f"ref{suffix}")  # noqa: F841
+    path = tmp_path / f"c{suffix}"
+    cls = backend_class(suffix.strip(".").replace("h5", "hdf5"))
+    orig = cls.write
+    calls = []
+
+    def full(self, name, start, data):
+        if name == "logits" and start >= 24:
+            calls.append(start)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(self, name, start, data)
+
+    monkeypatch.setattr(cls, "write", full)
+    monkeypatch.setattr(space, "free_bytes", lambda p: None)
+    with pytest.raises(DiskFullError, match="the 3 finished chunks of 8 are kept"):
+        write_big(path)
+    monkeypatch.undo()
+    assert calls == [24]
+    assert write_big(path) == list(range(3, 8))
+    assert verify(str(path)) == [] and same_bytes(tmp_path / f"ref{suffix}", path)
