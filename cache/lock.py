@@ -191,6 +191,9 @@ def acquire(
     for _attempt in range(3):
         try:
             lf.create(data)
+            from cache.leftovers import lock_temps
+
+            lock_temps(lf.url)
             return WriterLock(path, record, storage_options)
         except FileExistsError:
             existing = read_lock(path, storage_options)
@@ -240,6 +243,9 @@ def take_over(
             lf.create(data)
         except FileExistsError:
             raise _refusal(path, read_lock(path, storage_options) or {}) from None
+        from cache.leftovers import lock_temps
+
+        lock_temps(lf.url)
         return WriterLock(path, record, storage_options)
     finally:
         if guard is not None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from cache import leftovers, remote, space
 from cache import lock as lockmod
-from cache import remote, space
 from cache.backends import (
     Backend,
     ZarrBackend,
@@ -161,6 +161,8 @@ class CacheWriter(Cache):
             self._b.flush()
             self.attrs = meta
             log.info("finalized cache %s (%d chunks)", self.path, self.n_chunks)
+        if self.lock is not None:  # every writer has finished: nothing of theirs is in flight
+            leftovers.zarr_partials(self.path)
         if self.lock is not None:
             self.lock.release()
 
@@ -273,6 +275,7 @@ def create_cache(
     wlock = None
     if lock:
         wlock = lockmod.acquire(path, break_lock=break_lock, command=command, storage_options=so)
+        leftovers.clean_cache(path)  # what a killed writer of this cache left
     try:
         for _attempt in range(3):
             if exists(path, so):

@@ -340,3 +340,26 @@ def test_2_enospc_simulated(tmp_path, monkeypatch, suffix):
     assert calls == [24]
     assert write_big(path) == list(range(3, 8))
     assert verify(str(path)) == [] and same_bytes(tmp_path / f"ref{suffix}", path)
+
+
+# -- 8. leftovers of killed runs are cleaned by the next run -------------------------------
+def test_8_leftovers_removed_by_next_run_live_ones_kept(tmp_path):
+    path = tmp_path / "c.zarr"
+    write(path)
+    dead = _dead_pid()
+    killed_create = tmp_path / f"c.zarr.tmp-{dead}-0badc0de"
+    killed_create.mkdir()
+    (killed_create / "zarr.json").write_text("{}")
+    live_create = tmp_path / f"c.zarr.tmp-{os.getpid()}-12345678"
+    live_create.mkdir()
+    partial = path / "logits" / "c" / f"0.{'ab' * 16}.partial"
+    partial.write_bytes(b"half an object")
+    lock_tmp = tmp_path / f"c.zarr.lock.{'cd' * 16}.tmp"
+    lock_tmp.write_text("{}")
+    os.utime(lock_tmp, (1, 1))
+    _stale_lock(path)  # e.g. a run killed by the OOM killer or a segfault
+    write(path)  # the same command again: resumes (nothing to do) and cleans up
+    assert not killed_create.exists() and not partial.exists() and not lock_tmp.exists()
+    assert live_create.exists()  # its process still runs: not ours to remove
+    assert lockmod.read_lock(str(path)) is None
+    assert verify(str(path)) == []
