@@ -83,7 +83,7 @@ class HDF5Backend(Backend):
     @classmethod
     def create(
         cls, path: str, spec: CacheSpec, meta: dict, labels: np.ndarray, keys: list[str],
-        storage_options: dict | None = None,
+        storage_options: dict | None = None, blobs: dict[str, bytes] | None = None,
     ) -> None:  # fmt: skip
         import h5py
 
@@ -110,6 +110,8 @@ class HDF5Backend(Backend):
                     ds.attrs["kdcache_dtype"] = spec.dtype
             root["labels"][:] = labels
             root["keys"][:] = np.array(keys, dtype=object)
+            for name, data in (blobs or {}).items():
+                root.create_dataset(name, data=np.frombuffer(data, np.uint8))
             root.attrs[META_KEY] = canonical_json(meta)
 
     @staticmethod

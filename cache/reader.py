@@ -251,6 +251,27 @@ class Cache:
             arrays, self.dtype, chunk_samples=self.chunk_samples, codec=self.codec
         )
 
+    def blobs(self) -> dict[str, bytes]:
+        """Verified files stored in the cache, as blobs by array name (copies carry them)."""
+        meta = self.attrs.get("tokenizer")
+        if meta is None:
+            return {}
+        from cache.blobs import TOKENIZER, unpack_files
+
+        blob = self._b.read_blob(TOKENIZER)
+        unpack_files(blob, meta, self.path)
+        return {TOKENIZER: blob}
+
+    def tokenizer_files(self) -> dict[str, bytes] | None:
+        """The text teacher's tokenizer files stored in the cache (None: not a text cache,
+        or made before tokenizers were stored)."""
+        meta = self.attrs.get("tokenizer")
+        if meta is None:
+            return None
+        from cache.blobs import TOKENIZER, unpack_files
+
+        return unpack_files(self._b.read_blob(TOKENIZER), meta, self.path)
+
     def structure_problems(self) -> list[str]:
         """The cheap structural checks of `verify` (no chunk reads): every array has the
         shape and stored dtype the spec implies, and the attrs key is the spec's key."""

@@ -108,6 +108,11 @@ def check_meta(meta: Any, path: str) -> dict:
             raise _bad(path, "tokenizer.sha256", tok.get("sha256"), "64 lowercase hex digits")
         if not _is_int(tok.get("bytes")) or tok["bytes"] < 0:
             raise _bad(path, "tokenizer.bytes", tok.get("bytes"), "a non-negative integer")
+        files = tok.get("files")
+        if not isinstance(files, list):
+            raise _bad(path, "tokenizer.files", files, "a list of file names")
+        for f in files:
+            plain_name(f, f"{path}: tokenizer file")
     _check_view_params(meta["spec"], path)
     return meta
 

@@ -130,7 +130,10 @@ def open_target(
         backend_class(backend).delete(path, so)
     prov = src.attrs.get("provenance") if provenance is None else provenance
     meta = new_meta(spec, prov)
-    backend_class(backend).create(path, spec, meta, src.labels(), src.keys(), so)
+    blobs = src.blobs()  # verified: a copy is as self-contained as its source
+    if src.attrs.get("tokenizer") is not None:
+        meta["tokenizer"] = src.attrs["tokenizer"]
+    backend_class(backend).create(path, spec, meta, src.labels(), src.keys(), so, blobs=blobs)
     return CacheWriter(open_backend(path, True, so), None)
 
 

@@ -250,8 +250,11 @@ def create_cache(
     lock: bool = True,
     storage_options: dict | None = None,
     break_lock: bool = False,
+    tokenizer: dict[str, bytes] | None = None,
 ) -> CacheWriter:
     """Create a cache, or resume an incomplete one with an equal spec.
+
+    tokenizer: a text teacher's tokenizer files (name -> bytes), stored inside the cache.
 
     overwrite=True deletes and recreates an existing cache, but only while holding the lock:
     lock=False writers (torchrun ranks > 0) join an existing equal-spec cache and never delete.
@@ -286,13 +289,18 @@ def create_cache(
                 backend_class(bname).delete(path, so)
                 overwrite = False
             meta = new_meta(spec, provenance)
+            blobs = {}
+            if tokenizer:
+                from cache.blobs import TOKENIZER, pack_files
+
+                blobs[TOKENIZER], meta["tokenizer"] = pack_files(tokenizer)
             if is_remote(path):  # no rename on object stores: arrays first, attrs last
-                ZarrBackend.create(path, spec, meta, labels, keys, so)
+                ZarrBackend.create(path, spec, meta, labels, keys, so, blobs=blobs)
                 return CacheWriter(open_backend(path, True, so), wlock)
             tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 try:
-                    backend_class(bname).create(tmp, spec, meta, labels, keys)
+                    backend_class(bname).create(tmp, spec, meta, labels, keys, blobs=blobs)
                 except OSError as e:
                     if space.is_enospc(e):
                         raise space.disk_full(path, "a new cache", "nothing was created") from None

@@ -79,6 +79,10 @@ def _verify_one(cache: Cache) -> list[str]:
                     f"attrs checksums differ from the checksums array at chunks {_short(diff)}"
                 )
     problems += _check_chunks(cache, sums, done)
+    try:
+        cache.blobs()
+    except CacheCorruptError as e:
+        problems.append(str(e))
     labels, keys = cache.labels(), cache.keys()
     fp = cache.spec.dataset.get("fingerprint")
     if fp is not None and dataset_fingerprint(keys, labels) != fp:

@@ -44,6 +44,7 @@ class DistillConfig:
     seed: int = 0
     out: str = "runs/distill"
     resume: bool = False
+    overwrite: bool = False
     max_samples: int | None = None
     max_steps: int | None = None
     plots: bool = True

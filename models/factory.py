@@ -64,22 +64,56 @@ def create_model(
     num_classes: int | None = None,
     pretrained: bool = False,
     weights: str | None = None,
+    init_seed: int | None = None,
     **kw,
 ) -> tuple[nn.Module, dict]:
     """Build a model by prefixed name; see the module docstring and ``info`` keys below.
 
     ``info``: name, source (timm|torchvision|hf|cifar), arch, num_classes, weights_sha256
     (sha256 of ``weights`` file; for library-pretrained weights a sha256 of the loaded
-    tensors; None for random init), preprocessing, modality (image|text).
+    tensors; None for random init), weights_origin (see ``weights_origin``), preprocessing,
+    modality (image|text).
+    ``init_seed``: a random init drawn from this seed (reproducible, unlike the global RNG).
     Extra kw: ``model_kwargs`` (dict forwarded to the library builder), ``max_length`` (hf).
     """
-    if pretrained and weights:
-        raise KdcacheError("give either pretrained=True or weights=PATH, not both")
+    if sum(map(bool, (pretrained, weights, init_seed is not None))) > 1:
+        raise KdcacheError("give one of pretrained=True, weights=PATH or init_seed, not several")
     state = read_weights(weights) if weights else None
     if name.startswith("hf:"):
         from models.hf import create_hf_model
 
-        return create_hf_model(name, name[3:], num_classes, state, weights, kw)
+        if init_seed is not None:
+            raise KdcacheError(f"{name!r} is loaded with from_pretrained; it has no random init")
+        model, info = create_hf_model(name, name[3:], num_classes, state, weights, kw)
+        info["weights_origin"] = weights_origin(info, weights, True, None)
+        return model, info
+    if init_seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(init_seed))
+            return _create(name, num_classes, pretrained, state, weights, init_seed, kw)
+    return _create(name, num_classes, pretrained, state, weights, init_seed, kw)
+
+
+def weights_origin(
+    info: dict, weights: str | None, pretrained: bool, init_seed: int | None
+) -> dict:
+    """Where a model's weights came from, for humans (`cache ls/info`): a file (name +
+    sha256), library-pretrained weights (tag), a seeded random init, or an unseeded one."""
+    if weights:
+        import os
+
+        return {"kind": "file", "name": os.path.basename(str(weights).rstrip("/")),
+                "sha256": info.get("weights_sha256")}  # fmt: skip
+    if pretrained:
+        return {"kind": "pretrained", "tag": info.get("pretrained_tag") or info.get("name"),
+                "sha256": info.get("weights_sha256")}  # fmt: skip
+    if init_seed is not None:
+        return {"kind": "random-init", "seed": int(init_seed)}
+    return {"kind": "random", "seed": None}
+
+
+def _create(name, num_classes, pretrained, state, weights, init_seed, kw):
+    """create_model for timm, torchvision and the CIFAR zoo."""
     if name.startswith("tv:"):
         source, arch = "torchvision", name[3:]
         _check_tv_name(arch)
@@ -120,6 +154,11 @@ def create_model(
         "preprocessing": preprocessing,
         "modality": "image",
     }
+    if pretrained:
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        tag = cfg.get("tag") if isinstance(cfg, dict) else None
+        info["pretrained_tag"] = f"{arch}.{tag}" if tag else arch
+    info["weights_origin"] = weights_origin(info, weights, pretrained, init_seed)
     return model, info
 
 

@@ -30,8 +30,9 @@ from tests.test_share import same_bytes
 def err_line(res) -> str:
     """The single `error:` line of a failed CLI run (exit 2, no traceback)."""
     assert res.exit_code == 2, res.output
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    lines = [x for x in res.output.strip().splitlines() if "it/s]" not in x and "epoch/s]" not in x]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output  # tqdm bars aside
+    assert "Traceback" not in res.output
     return lines[0]
 
 
@@ -363,3 +364,137 @@ def test_8_leftovers_removed_by_next_run_live_ones_kept(tmp_path):
     assert live_create.exists()  # its process still runs: not ours to remove
     assert lockmod.read_lock(str(path)) is None
     assert verify(str(path)) == []
+
+
+# -- 6, 10, 11: distill run directories ------------------------------------------------------
+TRAIN = ["distill", "--student", "resnet8", "--loss", "ce", "--dataset", "digits",
+         "--max-samples", "32", "--batch-size", "16", "--test-split", "none", "--no-plots",
+         "--schedule", "cosine", "--device", "cpu"]  # fmt: skip
+
+
+def _ck(path):
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def test_6_killed_between_last_and_best_resume_rewrites_best(tmp_path, monkeypatch):
+    from distill import checkpoint
+
+    out = tmp_path / "run"
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # SIGKILL right after last.pt was renamed into place
+
+    monkeypatch.setattr(checkpoint, "_copy_atomic", killed)
+    res = cli(*TRAIN, "--epochs", "1", "--out", out, ok=False)
+    assert "Aborted" in res.output  # click's answer to the KeyboardInterrupt
+    monkeypatch.undo()
+    assert (out / "last.pt").exists() and not (out / "best.pt").exists()
+    cli(*TRAIN, "--epochs", "1", "--out", out, "--resume")  # nothing left to train
+    last, best = _ck(out / "last.pt"), _ck(out / "best.pt")
+    assert best["epoch"] == last["best_epoch"] == 0
+    assert all(best["model"][k].equal(v) for k, v in last["model"].items())
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.csv",
+                                                     "metrics.jsonl"]  # fmt: skip
+
+
+def test_10_existing_out_refused_without_resume_overwrite_replaces(tmp_path):
+    out = tmp_path / "run"
+    cli(*TRAIN, "--epochs", "1", "--out", out)
+    before = (out / "metrics.jsonl").read_text()
+    line = err_line(cli(*TRAIN, "--epochs", "1", "--out", out, ok=False))
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert (out / "metrics.jsonl").read_text() == before
+    cli(*TRAIN, "--epochs", "1", "--out", out, "--overwrite")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # replaced, not appended
+    line = err_line(cli(*TRAIN, "--out", out, "--overwrite", "--resume", ok=False))
+    assert "exclude each other" in line
+
+
+def test_11_resume_with_changed_settings_refused_naming_fields(tmp_path):
+    out = tmp_path / "run"
+    cli(*TRAIN, "--epochs", "2", "--max-steps", "2", "--out", out)  # "killed" after epoch 0
+    line = err_line(cli(*TRAIN, "--epochs", "3", "--lr", "0.1", "--batch-size", "8",
+                        "--out", out, "--resume", ok=False))  # fmt: skip
+    assert "--batch-size 16 -> 8" in line and "--epochs 2 -> 3" in line
+    assert "--lr 0.05 -> 0.1" in line and "may change on resume" in line
+    train = [a if a != "cosine" else "step" for a in TRAIN]  # was a KeyError traceback
+    line = err_line(cli(*train, "--epochs", "2", "--out", out, "--resume", ok=False))
+    assert "--schedule 'cosine' -> 'step'" in line
+    line = err_line(cli(*TRAIN, "--epochs", "2", "--loss", "lsr", "--out", out, "--resume",
+                        ok=False))  # fmt: skip
+    assert "--loss 'ce' -> 'lsr'" in line
+    cli(*TRAIN, "--epochs", "2", "--workers", "1", "--out", out, "--resume")  # allowed
+    assert _ck(out / "last.pt")["epoch"] == 1
+    (out / "last.pt").write_bytes(b"garbage")
+    line = err_line(cli(*TRAIN, "--epochs", "2", "--out", out, "--resume", ok=False))
+    assert "not a readable kdcache checkpoint" in line
+
+
+def test_2_full_disk_checkpoint_one_error_line_no_temp(tmp_path, monkeypatch):
+    """torch.save into a full disk (simulated: torch's own error text, little free space)."""
+    import torch
+
+    from distill import checkpoint
+
+    out = tmp_path / "run"
+    cli(*TRAIN, "--epochs", "2", "--max-steps", "2", "--out", out)
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(checkpoint.space, "free_bytes", lambda p: 1000)
+    monkeypatch.setattr(checkpoint.space, "require_space", lambda *a, **k: None)
+    line = err_line(cli(*TRAIN, "--epochs", "2", "--out", out, "--resume", ok=False))
+    assert "no space left" in line and "epoch 0 is kept" in line and "--resume" in line
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.csv",
+                                                     "metrics.jsonl"]  # fmt: skip
+    assert _ck(out / "last.pt")["epoch"] == 0
+    cli(*TRAIN, "--epochs", "2", "--out", out, "--resume")
+    assert _ck(out / "last.pt")["epoch"] == 1
+
+
+# -- 3. random teachers are keyed and reproducible ------------------------------------------
+PRE = ["precompute", "--teacher", "resnet8", "--dataset", "digits", "--max-samples", "16",
+       "--num-augs", "2", "--chunk-samples", "8"]  # fmt: skip
+
+
+def test_3_random_teacher_needs_random_init_and_is_reproducible(tmp_path):
+    line = err_line(cli(*PRE, "--out", tmp_path / "x.zarr", ok=False))
+    assert "has no trained weights" in line and "--random-init" in line
+    assert not (tmp_path / "x.zarr").exists()
+    a, b, c = (tmp_path / f"{n}.zarr" for n in "abc")
+    cli(*PRE, "--random-init", "--out", a)
+    cli(*PRE, "--random-init", "--out", b)
+    cli(*PRE, "--random-init", "7", "--out", c)
+    ca, cb, cc = (open_cache(str(p)) for p in (a, b, c))
+    assert ca.spec.teacher["init_seed"] == 0 and cc.spec.teacher["init_seed"] == 7
+    assert ca.key == cb.key != cc.key
+    assert ca.attrs["checksums"] == cb.attrs["checksums"] != cc.attrs["checksums"]
+    assert np.array_equal(ca.read_chunk(0), cb.read_chunk(0))
+    assert "random-init seed 7" in cli("cache", "info", c).output
+    ls = cli("cache", "ls", tmp_path).output
+    assert ls.count("random-init seed 0") == 2 and ls.count("random-init seed 7") == 1
+    line = err_line(cli(*PRE, "--random-init", "--pretrained", "--out", a, ok=False))
+    assert "exclude each other" in line
+
+
+def test_3_weights_file_origin_shown(tmp_path):
+    import torch
+
+    from models.factory import create_model
+
+    model, _ = create_model("resnet8", num_classes=10, init_seed=3)
+    torch.save(model.state_dict(), tmp_path / "teacher-v2.pt")
+    out = tmp_path / "w.zarr"
+    cli(*PRE, "--weights", tmp_path / "teacher-v2.pt", "--out", out)
+    with open_cache(str(out)) as c:
+        assert "init_seed" not in c.spec.teacher  # trained teachers keep their keys
+        sha = c.spec.teacher["weights_sha256"]
+    assert f"file teacher-v2.pt sha256 {sha[:12]}" in cli("cache", "info", out).output
+    assert "teacher-v2.pt" in cli("cache", "ls", tmp_path).output
