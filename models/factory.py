@@ -163,12 +163,30 @@ def _create(name, num_classes, pretrained, state, weights, init_seed, kw):
 
 
 def load_tokenizer(info: dict):
-    """The tokenizer recorded in a text model's info (``preprocessing.tokenizer``)."""
-    from models.hf import load_hf_tokenizer
+    """The tokenizer of a text model's info: the files stored in its cache when given
+    (``tokenizer_files``, from ``Cache.tokenizer_files()``: a pulled cache is
+    self-contained), else ``preprocessing.tokenizer`` (a local path or hub id)."""
+    from models.hf import load_hf_tokenizer, tokenizer_from_files
 
     if info.get("modality") != "text":
         raise KdcacheError(f"model {info.get('name')!r} is not a text model; it has no tokenizer")
+    if info.get("tokenizer_files"):
+        return tokenizer_from_files(info["tokenizer_files"], f"the cache of {info.get('name')}")
     return load_hf_tokenizer(info["preprocessing"]["tokenizer"])
+
+
+def check_vocab(student: dict, tok, teacher: str) -> None:
+    """A text student must embed every token id of the cache's tokenizer (the replayed views
+    are those ids); otherwise one error naming both sizes instead of an IndexError."""
+    from models.hf import vocab_size
+
+    have, need = int(student.get("vocab_size") or 0), vocab_size(tok)
+    if have and need > have:
+        raise KdcacheError(
+            f"student {student.get('name')!r} has a vocabulary of {have} tokens but the "
+            f"tokenizer of teacher {teacher!r} (stored in the cache) has {need}; use a student "
+            "built on the teacher's tokenizer"
+        )
 
 
 def model_input_size(info: dict) -> tuple[int, ...]:

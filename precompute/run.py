@@ -82,6 +82,7 @@ def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
         provenance=setup.provenance(cfg),
         backend=setup.backend,
         storage_options=cfg.storage_options or None,
+        tokenizer=_tokenizer_files(setup),
     )
     if hdf5 and rt.distributed:
         # HDF5 has one writer per file: each rank writes a shard, rank 0 merges them.
@@ -108,6 +109,16 @@ def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
     if writer is None:
         writer = create_cache(path, setup.spec, overwrite=False, lock=False, **kwargs)
     return writer
+
+
+def _tokenizer_files(setup: Setup) -> dict | None:
+    """A text teacher's tokenizer, stored inside the cache (self-contained when pulled)."""
+    if setup.modality != "text":
+        return None
+    from models.factory import load_tokenizer
+    from models.hf import tokenizer_files
+
+    return tokenizer_files(load_tokenizer(setup.info))
 
 
 def run(cfg: PrecomputeConfig) -> dict:

@@ -498,3 +498,59 @@ def test_3_weights_file_origin_shown(tmp_path):
         sha = c.spec.teacher["weights_sha256"]
     assert f"file teacher-v2.pt sha256 {sha[:12]}" in cli("cache", "info", out).output
     assert "teacher-v2.pt" in cli("cache", "ls", tmp_path).output
+
+
+# -- 12. text caches carry their tokenizer ---------------------------------------------------
+def _text_distill(cache, data, student, out, ok=True):
+    return cli("distill", "--student", f"hf:{student}", "--loss", "kd", "--cache", cache,
+               "--dataset", "text", "--data-root", data, "--test-split", "none", "--epochs", "1",
+               "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--no-plots",
+               "--out", out, ok=ok)  # fmt: skip
+
+
+def test_12_pulled_text_cache_is_self_contained(tmp_path, make_text_file, tiny_bert_dir):
+    import shutil
+
+    data = make_text_file("jsonl", n=12)
+    teacher = tmp_path / "teammate" / "bert"  # the teacher's directory, on another machine
+    shutil.copytree(tiny_bert_dir, teacher)
+    cache = tmp_path / "teammate" / "t.zarr"
+    cli("precompute", "--teacher", f"hf:{teacher}", "--dataset", "text", "--data-root", data,
+        "--augment", "token-mask", "--num-augs", "2", "--max-length", "16",
+        "--out", cache)  # fmt: skip
+    with open_cache(str(cache)) as c:
+        files = c.tokenizer_files()
+        assert "tokenizer.json" in files and c.attrs["tokenizer"]["files"] == sorted(files)
+    pulled = tmp_path / "here" / "t.h5"
+    pulled.parent.mkdir()
+    cli("cache", "pull", cache, pulled, "--no-progress")
+    shutil.rmtree(tmp_path / "teammate")  # neither the teacher nor its tokenizer path exist
+    assert verify(str(pulled)) == []
+    _text_distill(pulled, data, tiny_bert_dir, tmp_path / "run")
+    assert "ok" in cli("cache", "verify", pulled, "--replay", "--data-root", data).output
+    # a damaged tokenizer blob is caught by verify
+    with h5py.File(pulled, "r+") as f:
+        f["tokenizer"][5] ^= 1
+    assert any("tokenizer fails its sha256" in p for p in verify(str(pulled)))
+
+
+def test_12_student_with_other_vocabulary_one_error_line(tmp_path, make_text_file, tiny_bert_dir):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    data = make_text_file("jsonl", n=12)
+    cache = tmp_path / "t.zarr"
+    cli("precompute", "--teacher", f"hf:{tiny_bert_dir}", "--dataset", "text", "--data-root",
+        data, "--num-augs", "1", "--augment", "identity", "--max-length", "16",
+        "--out", cache)  # fmt: skip
+    small = tmp_path / "small-bert"
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=3)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(small)
+    with open_cache(str(cache)) as c:
+        from models.factory import load_tokenizer
+
+        n_tok = len(load_tokenizer({"modality": "text", "name": "t",
+                                    "tokenizer_files": c.tokenizer_files()}))  # fmt: skip
+    line = err_line(_text_distill(cache, data, small, tmp_path / "run", ok=False))
+    assert "vocabulary of 50 tokens" in line and f"has {n_tok}" in line
+    assert not (tmp_path / "run").exists()
