@@ -30,7 +30,7 @@ from tests.test_share import same_bytes
 def err_line(res) -> str:
     """The single `error:` line of a failed CLI run (exit 2, no traceback)."""
     assert res.exit_code == 2, res.output
-    lines = [x for x in res.output.strip().splitlines() if "it/s]" not in x and "epoch/s]" not in x]
+    lines = [x for x in res.output.strip().splitlines() if "%|" not in x]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.output  # tqdm bars aside
     assert "Traceback" not in res.output
     return lines[0]
@@ -554,3 +554,26 @@ def test_12_student_with_other_vocabulary_one_error_line(tmp_path, make_text_fil
     line = err_line(_text_distill(cache, data, small, tmp_path / "run", ok=False))
     assert "vocabulary of 50 tokens" in line and f"has {n_tok}" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_2_precompute_hdf5_full_disk_then_rerun_bit_identical(tmp_path, small_disk, monkeypatch):
+    from cache import space
+
+    disk, resize = small_disk
+    args = ["precompute", "--teacher", "resnet8", "--random-init", "--dataset", "digits",
+            "--max-samples", "256", "--num-augs", "8", "--chunk-samples", "16",
+            "--dtype", "float32", "--batch-size", "128"]  # fmt: skip
+    ref = tmp_path / "ref.h5"
+    cli(*args, "--out", ref)
+    monkeypatch.setattr(space, "MARGIN_BYTES", 4096)
+    data = 256 * 8 * (10 + 3) * 4  # logits + view params: the disk fills half way through them
+    resize(f"{(os.path.getsize(ref) - data // 2) // 4096 * 4}k")
+    out = disk / "x.h5"
+    line = err_line(cli(*args, "--out", out, ok=False))
+    assert "no space left" in line and "finished chunks of 16 are kept" in line
+    with open_cache(str(out)) as c:
+        assert 0 < int(c.done().sum()) < 16, (line, os.path.getsize(ref))
+    assert sorted(os.listdir(disk)) == ["x.h5"]  # no lock, no temp file
+    resize("2m")
+    cli(*args, "--out", out)
+    assert verify(str(out)) == [] and same_bytes(ref, out)
