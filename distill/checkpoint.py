@@ -39,10 +39,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def prepare_out(cfg, is_main: bool = True) -> dict | None:
+def prepare_out(cfg, is_main: bool = True, cache_keys: list[str] | None = None) -> dict | None:
     """Before anything is written to `cfg.out`: clean what a killed run left, refuse an
     existing run without --resume (--overwrite removes it), and return the checkpoint to
-    resume from (None: start from scratch)."""
+    resume from (None: start from scratch). `cache_keys`: the keys of the caches given now;
+    a resume may find them at other paths, never with other contents."""
     out = Path(cfg.out)
     overwrite = bool(getattr(cfg, "overwrite", False))
     if cfg.resume and overwrite:
@@ -72,6 +73,13 @@ def prepare_out(cfg, is_main: bool = True) -> dict | None:
         return None
     ck = load_checkpoint(out / LAST)
     check_resumable(ck.get("config") or {}, cfg.to_dict(), out / LAST)
+    old_keys = ck.get("cache_keys")
+    if old_keys is not None and cache_keys is not None and list(old_keys) != list(cache_keys):
+        raise KdcacheError(
+            f"--resume: {out / LAST} was trained from caches with keys "
+            f"{[k[:12] for k in old_keys]} but --cache now gives {[k[:12] for k in cache_keys]}; "
+            "a resumed run must read the same teacher logits (other paths are fine)"
+        )
     if is_main:
         reconcile_best(out, ck)
     return ck

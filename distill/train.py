@@ -47,7 +47,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     torch.manual_seed(cfg.seed)
     r = build_run(cfg, rt)
     out = Path(cfg.out)
-    ck = prepare_out(cfg, rt.is_main)  # refuses to clobber a run; resumes only what matches
+    cache_keys = [c.key for c in getattr(r.teacher, "caches", [])]
+    ck = prepare_out(cfg, rt.is_main, cache_keys)  # refuses to clobber; resumes what matches
     model = r.model.to(rt.device)
     if rt.device.type == "cuda" and r.modality == "image":
         model = model.to(memory_format=torch.channels_last)
@@ -137,6 +138,7 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
                 "best_acc": best,
                 "best_epoch": best_epoch,
                 "config": cfg.to_dict(),
+                "cache_keys": cache_keys,
                 "model_info": r.info,
                 "record": record,
             }

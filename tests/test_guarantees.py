@@ -577,3 +577,68 @@ def test_2_precompute_hdf5_full_disk_then_rerun_bit_identical(tmp_path, small_di
     resize("2m")
     cli(*args, "--out", out)
     assert verify(str(out)) == [] and same_bytes(ref, out)
+
+
+def test_2_distill_on_a_full_disk_then_resume(small_disk):
+    disk, resize = small_disk
+    resize("512k")  # resnet8 + SGD state is ~0.6 MiB: the first checkpoint cannot fit
+    out = disk / "run"
+    line = err_line(cli(*TRAIN, "--epochs", "1", "--out", out, ok=False))
+    assert "no space left" in line and "no epoch was committed yet" in line
+    assert sorted(p.name for p in out.iterdir()) == []  # no torn metrics, no *.tmp-*
+    resize("4m")
+    cli(*TRAIN, "--epochs", "1", "--out", out, "--resume")
+    assert _ck(out / "last.pt")["epoch"] == 0 and (out / "best.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "c.zarr"
+    cli("precompute", "--teacher", "resnet8", "--random-init", "--dataset", "digits",
+        "--max-samples", "32", "--num-augs", "2", "--chunk-samples", "16",
+        "--out", out)  # fmt: skip
+    return out
+
+
+def test_4_distill_refuses_hand_edited_cache(tmp_path, digits_cache):
+    import shutil
+
+    edited = tmp_path / "edited.zarr"
+    shutil.copytree(digits_cache, edited)
+    edit_spec(edited, "storage", dtype="bfloat16")
+    args = [a if a != "ce" else "kd" for a in TRAIN]
+    line = err_line(cli(*args, "--cache", edited, "--epochs", "1", "--out", tmp_path / "r",
+                        ok=False))  # fmt: skip
+    assert "does not match its own spec" in line and "dtype float16; spec says bfloat16" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_11_resume_with_another_teacher_cache_refused(tmp_path, digits_cache):
+    other = tmp_path / "other.zarr"
+    cli("precompute", "--teacher", "resnet8", "--random-init", "5", "--dataset", "digits",
+        "--max-samples", "32", "--num-augs", "2", "--chunk-samples", "16",
+        "--out", other)  # fmt: skip
+    args = [a if a != "ce" else "kd" for a in TRAIN]
+    out = tmp_path / "run"
+    cli(*args, "--cache", digits_cache, "--epochs", "2", "--max-steps", "2", "--out", out)
+    line = err_line(cli(*args, "--cache", other, "--epochs", "2", "--out", out, "--resume",
+                        ok=False))  # fmt: skip
+    assert "must read the same teacher logits" in line
+    moved = tmp_path / "moved.zarr"  # the same cache at another path is fine
+    os.rename(digits_cache, moved)
+    try:
+        cli(*args, "--cache", moved, "--epochs", "2", "--out", out, "--resume")
+    finally:
+        os.rename(moved, digits_cache)
+    assert _ck(out / "last.pt")["epoch"] == 1
+
+
+def test_8_distill_temp_checkpoint_of_killed_run_removed(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = out / f"last.pt.tmp-{_dead_pid()}"
+    dead.write_bytes(b"torn")
+    live = out / "best.pt.tmp-1"  # pid 1 runs: another live writer's temp file
+    live.write_bytes(b"being written")
+    cli(*TRAIN, "--epochs", "1", "--out", out)
+    assert not dead.exists() and live.exists()
