@@ -55,7 +55,7 @@ def dead_pid_temps(path: str) -> list[str]:
     removed = []
     try:
         names = os.listdir(folder)
-    except FileNotFoundError:
+    except OSError:  # missing, or an HDF5 file (`x.h5/t0` members)
         return []
     for name in names:
         if not name.startswith(base + ".tmp-"):
@@ -90,7 +90,7 @@ def lock_temps(lock_file: str) -> list[str]:
     now = time.time()
     try:
         names = os.listdir(folder)
-    except FileNotFoundError:
+    except OSError:
         return []
     for name in names:
         if name.startswith(base + ".") and name.endswith(".tmp"):

@@ -232,7 +232,10 @@ def take_over(
         import fcntl
 
         guard = os.open(os.path.dirname(lf.url), os.O_RDONLY)
-        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock: the re-read check below still runs
+            log.warning("cannot flock %s; lock takeover is not atomic there", lf.url)
     try:
         current = read_lock(path, storage_options)
         if current is not None and current != seen:
