@@ -96,6 +96,10 @@ def main(verbose: bool) -> None:
 @click.option("--out", required=True, help="Cache path (.zarr/.h5) or a root directory.")
 @click.option("--weights", default=None, help="State dict or kdcache checkpoint of the teacher.")
 @click.option("--pretrained", is_flag=True, help="Load the library's pretrained weights (hub).")
+@click.option(
+    "--random-init", default=None, type=int, is_flag=False, flag_value=0, metavar="[SEED]",
+    help="Random teacher (tests, smoke runs), initialized from SEED (0 if not given).",
+)  # fmt: skip
 @click.option("--num-classes", default=None, type=int, help="Classes of the teacher head.")
 @click.option("--image-size", default=None, type=int, help="View output size (rrc-flip).")
 @click.option(
@@ -228,6 +232,7 @@ def precompute(**kw) -> None:
 @click.option("--seed", default=0, type=int, help="Training seed.")
 @click.option("--out", default="runs/distill", help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in OUT (default: refuse).")
 @click.option("--max-samples", default=None, type=int, help="Use only the first N samples.")
 @click.option("--max-steps", default=None, type=int, help="Stop after N optimizer steps.")
 @click.option("--plots/--no-plots", default=True, help="Write PNG plots of the metrics.")

@@ -106,6 +106,12 @@ class Backend(ABC):
     @abstractmethod
     def write(self, name: str, start: int, data: np.ndarray) -> None: ...
 
+    def read_blob(self, name: str) -> bytes | None:
+        """A byte array stored next to the cache's arrays (e.g. its tokenizer); None if absent."""
+        if not self.has(name):
+            return None
+        return np.asarray(self.read(name), dtype=np.uint8).tobytes()
+
     def discard(self, name: str, start: int) -> None:  # noqa: B027 - optional hook
         """Drop the stored object holding row `start` of `name` before it is rewritten whole
         (a truncated zarr shard cannot be read-modified-written)."""
@@ -115,6 +121,10 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
+
+    def abandon(self) -> None:
+        """Drop the handles after a failed write without flushing anything more."""
+        self.close()
 
     def size_bytes(self) -> int | None:
         """Bytes on disk / in the object store (None when the store cannot list sizes)."""

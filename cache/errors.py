@@ -11,3 +11,7 @@ class CacheLockedError(KdcacheError):
 
 class CacheCorruptError(KdcacheError):
     """A chunk's bytes do not match its checksum, or arrays disagree with the spec."""
+
+
+class DiskFullError(KdcacheError):
+    """No space left where a cache or checkpoint is written; what was finished is kept."""

@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from typing import Any
 
 import numpy as np
 
 from cache import remote
 from cache.backends import META_KEY, Backend, layout, row_arrays
-from cache.errors import KdcacheError
+from cache.errors import CacheCorruptError, CacheLockedError, KdcacheError
 from cache.remote import is_remote, split_hdf5
 from cache.sparse import get_codec
 from cache.spec import CacheSpec, canonical_json
+
+
+def open_error(file: str, e: OSError) -> KdcacheError:
+    """Tell a lock held by another process from a damaged file: only errno EAGAIN/EWOULDBLOCK
+    ("unable to lock file") is a lock; "bad ... superblock" merely contains the letters."""
+    msg = str(e)
+    detail = msg[msg.find("(") + 1 : msg.rfind(")")] if "(" in msg else msg
+    if isinstance(e, BlockingIOError) or "unable to lock file" in msg:
+        return CacheLockedError(
+            f"HDF5 file {file} is open for writing by another process (HDF5 allows one writer "
+            "and no other openers meanwhile; ranks write shard files that merge_shards joins)"
+        )
+    if "truncated file" in msg:
+        return CacheCorruptError(
+            f"HDF5 file {file} is truncated ({detail}); an interrupted copy? pull/copy it again"
+        )
+    if "signature" in msg and "not found" in msg:
+        return KdcacheError(f"{file} is not an HDF5 file ({detail})")
+    return CacheCorruptError(
+        f"HDF5 file {file} is corrupt ({detail}); pull/copy it again, or delete it and rerun"
+    )
 
 
 class HDF5Backend(Backend):
@@ -38,23 +62,18 @@ class HDF5Backend(Backend):
                 self._fobj = fs.open(p, "rb", block_size=1 << 22)
             try:
                 self.f = h5py.File(self._fobj, "r")
-            except OSError:
+            except OSError as e:
                 self._fobj.close()
-                raise KdcacheError(f"{file} is not an HDF5 file") from None
+                raise open_error(file, e) from None
         else:
             if not h5py.is_hdf5(file):
                 raise KdcacheError(f"{file} is not an HDF5 file")
             try:
                 self.f = h5py.File(file, "r+" if writable else "r")
             except OSError as e:
-                if "lock" in str(e).lower():
-                    raise KdcacheError(
-                        f"HDF5 file {file} is open for writing by another process (HDF5 allows "
-                        "one writer and no other openers meanwhile; ranks write shard files "
-                        "that merge_shards joins)"
-                    ) from None
-                raise KdcacheError(f"cannot open HDF5 file {file}: {e}") from None
+                raise open_error(file, e) from None
         self.root = self.f
+        self._dsets: dict[str, Any] = {}
         if group is not None:
             if group not in self.f:
                 self.close()
@@ -64,7 +83,7 @@ class HDF5Backend(Backend):
     @classmethod
     def create(
         cls, path: str, spec: CacheSpec, meta: dict, labels: np.ndarray, keys: list[str],
-        storage_options: dict | None = None,
+        storage_options: dict | None = None, blobs: dict[str, bytes] | None = None,
     ) -> None:  # fmt: skip
         import h5py
 
@@ -91,6 +110,8 @@ class HDF5Backend(Backend):
                     ds.attrs["kdcache_dtype"] = spec.dtype
             root["labels"][:] = labels
             root["keys"][:] = np.array(keys, dtype=object)
+            for name, data in (blobs or {}).items():
+                root.create_dataset(name, data=np.frombuffer(data, np.uint8))
             root.attrs[META_KEY] = canonical_json(meta)
 
     @staticmethod
@@ -114,9 +135,14 @@ class HDF5Backend(Backend):
         self.f.flush()
 
     def _ds(self, name: str) -> Any:
-        if name not in self.root:
-            raise KdcacheError(f"cache {self.path} has no array {name!r}")
-        return self.root[name]
+        """Datasets stay open: closing one flushes its chunk cache, and h5py reports errors of
+        that (a full disk) only as ignored exceptions, while flush() raises them."""
+        ds = self._dsets.get(name)
+        if ds is None:
+            if name not in self.root:
+                raise KdcacheError(f"cache {self.path} has no array {name!r}")
+            ds = self._dsets[name] = self.root[name]
+        return ds
 
     def has(self, name: str) -> bool:
         return name in self.root
@@ -144,8 +170,30 @@ class HDF5Backend(Backend):
 
     def flush(self) -> None:
         self.f.flush()
+        if self.writable and self._fobj is None:  # HDF5 may report a failed write only later
+            size = os.fstat(self.f.id.get_vfd_handle()).st_size
+            if size < self.f.id.get_filesize():
+                raise OSError(errno.ENOSPC, f"{self.path} is shorter than HDF5 wrote it")
+
+    def abandon(self) -> None:
+        """After a failed write HDF5 still holds dirty metadata that closing would write into
+        a full disk, tearing what was consistent: point the file descriptor at /dev/null
+        first, so the file keeps the state of its last successful flush."""
+        if self.writable and self._fobj is None and self.f.id.valid:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, self.f.id.get_vfd_handle())
+                os.close(null)
+            except OSError:
+                pass
+            self._dsets.clear()
+            with contextlib.suppress(Exception):
+                self.f.close()
+            return
+        self.close()
 
     def close(self) -> None:
+        self._dsets.clear()
         if self.f.id.valid:
             self.f.close()
         if self._fobj is not None:

@@ -63,12 +63,17 @@ class _LockFile:
             if not os.path.isdir(parent):
                 raise KdcacheError(f"directory {parent} does not exist; cannot lock {self.url}")
             tmp = f"{self.url}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
             try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
                 _link_exclusive(tmp, self.url, data)
+            except FileExistsError:
+                raise
+            except OSError as e:
+                raise KdcacheError(f"cannot create the lock {self.url} ({e.strerror})") from None
             finally:
-                os.unlink(tmp)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
             return
         try:
             self.fs.pipe_file(self.p, data, mode="create")  # S3 conditional put (If-None-Match)
@@ -181,22 +186,19 @@ def acquire(
         raise KdcacheError(
             f"directory {os.path.dirname(lf.url)} does not exist; cannot create cache {path}"
         )
-    record = {
-        "user": _user(),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "unix_time": time.time(),
-        "token": uuid.uuid4().hex,
-        "command": command,
-    }
+    record = _record(command)
     data = json.dumps(record).encode("utf-8")
-    for _attempt in range(2):
+    for _attempt in range(3):
         try:
             lf.create(data)
+            from cache.leftovers import lock_temps
+
+            lock_temps(lf.url)
             return WriterLock(path, record, storage_options)
         except FileExistsError:
-            existing = read_lock(path, storage_options) or {}
+            existing = read_lock(path, storage_options)
+            if existing is None:  # released in between: try again
+                continue
             stale = is_stale(existing)
             if not (break_lock or stale):
                 raise _refusal(path, existing) from None
@@ -206,9 +208,63 @@ def acquire(
                 path,
                 existing,
             )
-            break_lock = False
-            lf.remove()
+            return take_over(path, existing, storage_options, record)
     raise _refusal(path, read_lock(path, storage_options) or {})
+
+
+def take_over(
+    path: str, seen: dict, storage_options: dict | None = None, record: dict | None = None
+) -> WriterLock:
+    """Replace the lock record `seen` (stale, or being broken) by ours, or CacheLockedError
+    when the lock is no longer `seen`: another writer took it over first.
+
+    Locally the check-remove-create runs under an flock of the lock's directory, which every
+    takeover takes, so of two writers that both saw the same dead pid exactly one wins and the
+    other never removes the winner's fresh lock by path (a plain acquire cannot slip in
+    either: creation is an exclusive link). On object stores the record is re-read just
+    before the removal and our own create is conditional; the window left is one request.
+    """
+    record = record or _record(None)
+    data = json.dumps(record).encode("utf-8")
+    lf = _LockFile(path, storage_options)
+    guard = None
+    if lf.fs is None:
+        import fcntl
+
+        guard = os.open(os.path.dirname(lf.url), os.O_RDONLY)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock: the re-read check below still runs
+            log.warning("cannot flock %s; lock takeover is not atomic there", lf.url)
+    try:
+        current = read_lock(path, storage_options)
+        if current is not None and current != seen:
+            raise _refusal(path, current)
+        if current is not None:
+            lf.remove()
+        try:
+            lf.create(data)
+        except FileExistsError:
+            raise _refusal(path, read_lock(path, storage_options) or {}) from None
+        from cache.leftovers import lock_temps
+
+        lock_temps(lf.url)
+        return WriterLock(path, record, storage_options)
+    finally:
+        if guard is not None:
+            os.close(guard)  # releases the flock
+
+
+def _record(command: str | None) -> dict:
+    return {
+        "user": _user(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "unix_time": time.time(),
+        "token": uuid.uuid4().hex,
+        "command": command,
+    }
 
 
 def _user() -> str:

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from cache.backends import open_backend
+from cache.schema import check_meta
 from cache.spec import FORMAT_VERSION, CacheSpec
 
 
@@ -32,10 +33,10 @@ def make_provenance(extra: dict | None = None) -> dict:
 
 
 def read_meta(path: str, storage_options: dict | None = None) -> dict:
-    """The raw kdcache attrs at `path` (a cache or a multi-teacher store)."""
+    """The kdcache attrs at `path` (a cache or a multi-teacher store), schema-checked."""
     b = open_backend(path, False, storage_options)
     try:
-        return b.get_meta()
+        return check_meta(b.get_meta(), path)
     finally:
         b.close()
 

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from cache.backends import Backend
-from cache.dtypes import decode
 from cache.epoch import (  # noqa: F401 - re-exported: the reader API
     Batch,
     choose_augs,
@@ -24,12 +23,12 @@ from cache.epoch import (  # noqa: F401 - re-exported: the reader API
     training_source,
 )
 from cache.errors import CacheCorruptError, KdcacheError
+from cache.memory import InMemoryLogits
+from cache.schema import MULTI, check_counts, check_meta
 from cache.sparse import Codec, get_codec
 from cache.spec import FORMAT_VERSION, CacheSpec
 
 log = logging.getLogger(__name__)
-
-MULTI = "multi-teacher"
 
 
 def _first(idx: Any, k: int = 5) -> str:
@@ -53,20 +52,19 @@ class Cache:
         self.path = backend.path
         self.backend_name = backend.name
         try:
-            meta = backend.get_meta()
+            meta = check_meta(backend.get_meta(), self.path)
             if meta.get("kind") == MULTI:
                 raise KdcacheError(
                     f"{self.path} is a multi-teacher store (members {meta.get('members')}); "
                     f"open a member as {self.path}/<member>"
                 )
-            if not isinstance(meta.get("spec"), dict):
-                raise KdcacheError(f"{self.path} has kdcache attrs without a spec; not a cache")
             if meta.get("format_version") != FORMAT_VERSION:
                 raise KdcacheError(
                     f"cache {self.path} has format_version {meta.get('format_version')!r}; "
                     f"this kdcache reads {FORMAT_VERSION}"
                 )
             self.spec = CacheSpec.from_dict(meta["spec"])
+            check_counts(meta, self.spec, self.path)
         except BaseException:
             backend.close()
             raise
@@ -92,7 +90,8 @@ class Cache:
 
     def refresh(self) -> dict:
         """Re-read attrs (another rank may have finalized)."""
-        self.attrs = self._b.get_meta()
+        self.attrs = check_meta(self._b.get_meta(), self.path)
+        check_counts(self.attrs, self.spec, self.path)
         self._done_cache = None
         return self.attrs
 
@@ -252,64 +251,62 @@ class Cache:
             arrays, self.dtype, chunk_samples=self.chunk_samples, codec=self.codec
         )
 
+    def blobs(self) -> dict[str, bytes]:
+        """Verified files stored in the cache, as blobs by array name (copies carry them)."""
+        meta = self.attrs.get("tokenizer")
+        if meta is None:
+            return {}
+        from cache.blobs import TOKENIZER, unpack_files
+
+        blob = self._b.read_blob(TOKENIZER)
+        unpack_files(blob, meta, self.path)
+        return {TOKENIZER: blob}
+
+    def tokenizer_files(self) -> dict[str, bytes] | None:
+        """The text teacher's tokenizer files stored in the cache (None: not a text cache,
+        or made before tokenizers were stored)."""
+        meta = self.attrs.get("tokenizer")
+        if meta is None:
+            return None
+        from cache.blobs import TOKENIZER, unpack_files
+
+        return unpack_files(self._b.read_blob(TOKENIZER), meta, self.path)
+
+    def structure_problems(self) -> list[str]:
+        """The cheap structural checks of `verify` (no chunk reads): every array has the
+        shape and stored dtype the spec implies, and the attrs key is the spec's key."""
+        from cache.backends import layout
+
+        problems = []
+        targets = self.codec.layout()
+        for name, (shape, dtype, _chunks) in layout(self.spec).items():
+            try:
+                got, got_dtype = self._b.shape(name), self._b.stored_dtype(name)
+            except KdcacheError as e:
+                problems.append(str(e))
+                continue
+            if got != shape:
+                problems.append(f"array {name} has shape {got}; spec says {shape}")
+            want = targets[name][2] if name in targets else np.dtype(dtype).name
+            if name == "keys":
+                want = "str"
+            if got_dtype != want:
+                problems.append(f"array {name} has dtype {got_dtype}; spec says {want}")
+        if self.attrs.get("key") != self.key:
+            have = self.attrs.get("key")
+            problems.append(f"attrs key {have} != key of the stored spec {self.key}")
+        return problems
+
+    def check_structure(self) -> None:
+        """CacheCorruptError naming the first problems of structure_problems(); run whenever a
+        cache is opened to be used, so hand-edited attrs never give silently wrong targets."""
+        problems = self.structure_problems()
+        if problems:
+            more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+            raise CacheCorruptError(
+                f"cache {self.path} does not match its own spec: {'; '.join(problems[:2])}{more}; "
+                "`cache verify` lists everything; pull/copy the cache again"
+            )
+
     def close(self) -> None:
         self._b.close()
-
-
-class InMemoryLogits:
-    """All stored targets in RAM; rows are decoded to float32 (B, C) only when read."""
-
-    in_memory = True
-
-    def __init__(
-        self, raw: Any, dtype: str, chunk_samples: int | None = None, codec: Codec | None = None
-    ) -> None:
-        self.arrays: dict[str, np.ndarray] = raw if isinstance(raw, dict) else {"logits": raw}
-        self.dtype, self.codec = dtype, codec
-        if codec is None or codec.kind == "dense":
-            logits = self.arrays["logits"]
-            if logits.ndim != 3:
-                raise KdcacheError(
-                    f"in-memory logits have shape {logits.shape}; expected (N, A, C)"
-                )
-            self.num_classes = logits.shape[2]
-        else:
-            self.num_classes = codec.c
-        self.n, self.num_augs = next(iter(self.arrays.values())).shape[:2]
-        self.chunk_samples = chunk_samples or self.n
-
-    @property
-    def raw(self) -> np.ndarray:
-        """Dense logits in the stored dtype."""
-        if "logits" not in self.arrays:
-            raise KdcacheError("a sparse cache has no raw logits; use read() or full()")
-        return self.arrays["logits"]
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(v.nbytes for v in self.arrays.values()))
-
-    def decode_rows(self, rows: dict[str, np.ndarray]) -> np.ndarray:
-        if self.codec is None:
-            return decode(rows["logits"], self.dtype)
-        return self.codec.decode(rows)
-
-    def read(self, samples: Any, augs: Any) -> np.ndarray:
-        """logits[samples[j], augs[j]] as (B, C) float32."""
-        s = np.asarray(samples, dtype=np.int64).reshape(-1)
-        a = np.broadcast_to(np.asarray(augs, dtype=np.int64), s.shape)
-        if s.size and (s.min() < 0 or s.max() >= self.n or a.min() < 0 or a.max() >= self.num_augs):
-            raise KdcacheError(
-                f"(sample, aug) out of range: samples 0..{self.n - 1}, augs 0..{self.num_augs - 1}"
-            )
-        return self.decode_rows({k: v[s, a] for k, v in self.arrays.items()})
-
-    def full(self) -> np.ndarray:
-        """Every logit as float32 (N, A, C), decoded in slices to bound temporary memory."""
-        out = np.empty((self.n, self.num_augs, self.num_classes), dtype=np.float32)
-        step = max(1, (1 << 24) // max(1, self.num_augs * self.num_classes))
-        for i in range(0, self.n, step):
-            out[i : i + step] = self.decode_rows(
-                {k: v[i : i + step] for k, v in self.arrays.items()}
-            )
-        return out

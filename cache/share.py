@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cache import leftovers, remote
 from cache import lock as lockmod
-from cache import remote
 from cache.backends import backend_class, exists, infer_backend, open_backend
 from cache.errors import CacheCorruptError, KdcacheError
 from cache.reader import MULTI, Cache
@@ -71,6 +71,7 @@ class Destination:
             self.lock.release()
             raise
         self.work = self.dst if (self.remote or self.exists) else partial_path(self.dst)
+        leftovers.zarr_partials(self.work)  # we hold the lock: a killed copy's temporaries
 
     def __enter__(self) -> Destination:
         return self
@@ -129,7 +130,10 @@ def open_target(
         backend_class(backend).delete(path, so)
     prov = src.attrs.get("provenance") if provenance is None else provenance
     meta = new_meta(spec, prov)
-    backend_class(backend).create(path, spec, meta, src.labels(), src.keys(), so)
+    blobs = src.blobs()  # verified: a copy is as self-contained as its source
+    if src.attrs.get("tokenizer") is not None:
+        meta["tokenizer"] = src.attrs["tokenizer"]
+    backend_class(backend).create(path, spec, meta, src.labels(), src.keys(), so, blobs=blobs)
     return CacheWriter(open_backend(path, True, so), None)
 
 

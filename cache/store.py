@@ -6,18 +6,15 @@ import logging
 import os
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
+from cache import leftovers, remote, space
 from cache import lock as lockmod
-from cache import remote
 from cache.backends import (
-    Backend,
     ZarrBackend,
     backend_class,
-    decode,
     exists,
     infer_backend,
     is_remote,
@@ -26,8 +23,9 @@ from cache.backends import (
 )
 from cache.errors import KdcacheError
 from cache.meta import make_provenance, new_meta, read_meta
-from cache.reader import MULTI, Cache, _first, chunk_digest
+from cache.reader import MULTI, Cache, chunk_digest
 from cache.spec import CacheSpec, dataset_fingerprint, describe_diff
+from cache.writer import CacheWriter
 
 __all__ = [
     "chunk_digest", "create_cache", "make_provenance", "merge_shards", "new_meta", "open_cache",
@@ -35,118 +33,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-
-class CacheWriter(Cache):
-    """A cache opened for writing chunks; optionally holding the writer lock."""
-
-    def __init__(self, backend: Backend, lock: lockmod.WriterLock | None) -> None:
-        super().__init__(backend)
-        self.lock = lock
-
-    def todo_chunks(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        if not 0 <= rank < world_size:
-            raise KdcacheError(f"rank {rank} out of range for world_size {world_size}")
-        done = self.done()
-        return [c for c in range(self.n_chunks) if not done[c] and c % world_size == rank]
-
-    def write_chunk(
-        self, c: int, logits: np.ndarray, view_params: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Validate everything, convert dense logits to the storage form (dtype, top-k,
-        sampled), then write arrays, checksum, done flag; returns the stored arrays."""
-        start, stop = self.chunk_range(c)
-        n_c = stop - start
-        logits = np.asarray(logits)
-        view_params = np.asarray(view_params)
-        want = (n_c, self.num_augs, self.num_classes)
-        if logits.shape != want:
-            raise KdcacheError(f"logits for chunk {c} have shape {logits.shape}; expected {want}")
-        if not np.issubdtype(logits.dtype, np.floating):
-            raise KdcacheError(f"logits have dtype {logits.dtype}; expected a float dtype")
-        want_vp = (n_c, self.num_augs, self.spec.param_dim)
-        if view_params.shape != want_vp:
-            raise KdcacheError(
-                f"view_params for chunk {c} have shape {view_params.shape}; expected {want_vp}"
-            )
-        for name, arr in (("logits", logits), ("view_params", view_params)):
-            bad = ~np.isfinite(arr.reshape(n_c, -1)).all(axis=1)
-            if bad.any():
-                where = _first(np.flatnonzero(bad) + start)
-                raise KdcacheError(
-                    f"NaN/Inf in {name} of chunk {c} at samples {where}; nothing written"
-                )
-        arrays = self.codec.encode(np.asarray(logits, dtype=np.float32), start)
-        for name in self.codec.value_names():
-            vals = decode(arrays[name], self.dtype).reshape(n_c, -1)
-            bad = ~np.isfinite(vals).all(axis=1)
-            if bad.any():
-                raise KdcacheError(
-                    f"logits of chunk {c} overflow {self.dtype} at samples "
-                    f"{_first(np.flatnonzero(bad) + start)}; use storage dtype float32 or bfloat16"
-                )
-        vp = np.ascontiguousarray(view_params, dtype=np.float32)
-        digest = chunk_digest(*(arrays[k] for k in self.codec.names), vp)
-        self.write_chunk_stored(c, arrays, vp, digest)
-        return arrays
-
-    def write_chunk_raw(self, c: int, raw: np.ndarray, vp: np.ndarray, digest: bytes) -> None:
-        """Dense form of write_chunk_stored (the stored-dtype logits of chunk c)."""
-        self.write_chunk_stored(c, {"logits": raw}, vp, digest)
-
-    def write_chunk_stored(
-        self, c: int, arrays: dict[str, np.ndarray], vp: np.ndarray, digest: bytes
-    ) -> None:
-        """Write validated stored arrays in the crash-safe order: arrays, checksum, done flag
-        (used by write_chunk, merge, copy and convert)."""
-        if self.attrs.get("complete"):
-            raise KdcacheError(f"cache {self.path} is finalized; refusing to write chunk {c}")
-        if set(arrays) != set(self.codec.names):
-            raise KdcacheError(
-                f"chunk {c} has arrays {sorted(arrays)}; cache {self.path} stores "
-                f"{sorted(self.codec.names)}"
-            )
-        start, _stop = self.chunk_range(c)
-        if self._chunk_done(c):  # rewriting: clear the flag first so a crash cannot leave it
-            self._b.write("done", c, np.zeros(1, np.uint8))
-            self._b.flush()
-            for name in self.codec.names + ("view_params",):
-                self._b.discard(name, start)
-        for name in self.codec.names:
-            self._b.write(name, start, arrays[name])
-        self._b.write("view_params", start, vp)
-        self._b.write("checksums", c, np.frombuffer(digest, np.uint8)[None, :])
-        self._b.flush()
-        self._b.write("done", c, np.ones(1, np.uint8))
-        self._b.flush()
-
-    def finalize(self, extra: dict | None = None) -> None:
-        """Once all chunks are done: checksums + complete into attrs (written last), then
-        release the lock. `extra` adds attrs (e.g. a conversion's KL report)."""
-        meta = self.refresh()
-        if not meta.get("complete"):
-            miss = self.missing_chunks()
-            if miss:
-                raise KdcacheError(
-                    f"cannot finalize {self.path}: {len(miss)} of {self.n_chunks} chunks not done "
-                    f"{_first(miss)}"
-                )
-            sums = np.asarray(self._b.read("checksums"), dtype=np.uint8)
-            meta["checksums"] = [bytes(row).hex() for row in sums]
-            meta.update(extra or {})
-            meta["complete"] = True
-            meta["finalized_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            self._b.set_meta(meta)
-            self._b.flush()
-            self.attrs = meta
-            log.info("finalized cache %s (%d chunks)", self.path, self.n_chunks)
-        if self.lock is not None:
-            self.lock.release()
-
-    def close(self) -> None:
-        super().close()
-        if self.lock is not None:
-            self.lock.release()
 
 
 def open_cache(
@@ -172,19 +58,25 @@ def open_cache(
         raise
 
 
-def open_members(path: str, storage_options: dict | None = None) -> list[Cache]:
+def open_members(path: str, storage_options: dict | None = None, check: bool = True) -> list[Cache]:
     """The caches at `path`, read-only: one for a cache, every member of a multi-teacher
-    store (in order)."""
+    store (in order). check=True runs the cheap structural checks (what training and copies
+    rely on: shapes, stored dtypes, key)."""
     meta = read_meta(path, storage_options)
     if meta.get("kind") != MULTI:
-        return [open_cache(path, storage_options=storage_options)]
-    members = meta.get("members") or []
-    if not meta.get("complete"):
-        raise KdcacheError(f"multi-teacher store {path} is incomplete (its merge did not finish)")
+        paths = [path]
+    else:
+        if not meta.get("complete"):
+            raise KdcacheError(
+                f"multi-teacher store {path} is incomplete (its merge did not finish)"
+            )
+        paths = [remote.join(path, m) for m in meta["members"]]
     out: list[Cache] = []
     try:
-        for m in members:
-            out.append(open_cache(remote.join(path, m), storage_options=storage_options))
+        for p in paths:
+            out.append(open_cache(p, storage_options=storage_options))
+            if check:
+                out[-1].check_structure()
     except BaseException:
         for c in out:
             c.close()
@@ -221,8 +113,11 @@ def create_cache(
     lock: bool = True,
     storage_options: dict | None = None,
     break_lock: bool = False,
+    tokenizer: dict[str, bytes] | None = None,
 ) -> CacheWriter:
     """Create a cache, or resume an incomplete one with an equal spec.
+
+    tokenizer: a text teacher's tokenizer files (name -> bytes), stored inside the cache.
 
     overwrite=True deletes and recreates an existing cache, but only while holding the lock:
     lock=False writers (torchrun ranks > 0) join an existing equal-spec cache and never delete.
@@ -246,6 +141,7 @@ def create_cache(
     wlock = None
     if lock:
         wlock = lockmod.acquire(path, break_lock=break_lock, command=command, storage_options=so)
+        leftovers.clean_cache(path)  # what a killed writer of this cache left
     try:
         for _attempt in range(3):
             if exists(path, so):
@@ -256,12 +152,22 @@ def create_cache(
                 backend_class(bname).delete(path, so)
                 overwrite = False
             meta = new_meta(spec, provenance)
+            blobs = {}
+            if tokenizer:
+                from cache.blobs import TOKENIZER, pack_files
+
+                blobs[TOKENIZER], meta["tokenizer"] = pack_files(tokenizer)
             if is_remote(path):  # no rename on object stores: arrays first, attrs last
-                ZarrBackend.create(path, spec, meta, labels, keys, so)
+                ZarrBackend.create(path, spec, meta, labels, keys, so, blobs=blobs)
                 return CacheWriter(open_backend(path, True, so), wlock)
             tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
-                backend_class(bname).create(tmp, spec, meta, labels, keys)
+                try:
+                    backend_class(bname).create(tmp, spec, meta, labels, keys, blobs=blobs)
+                except OSError as e:
+                    if space.is_enospc(e):
+                        raise space.disk_full(path, "a new cache", "nothing was created") from None
+                    raise
                 if _publish(tmp, path, bname):
                     return CacheWriter(open_backend(path, True, so), wlock)
             finally:

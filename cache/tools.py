@@ -16,6 +16,22 @@ from cache.store import open_cache, read_meta
 log = logging.getLogger(__name__)
 
 
+def weights_origin(cache: Cache) -> str:
+    """Where the teacher's weights came from: random-init seed (in the spec, keyed), else the
+    file name / pretrained tag recorded at precompute, else the weights' sha256."""
+    t = cache.spec.teacher
+    if t.get("init_seed") is not None:
+        return f"random-init seed {t['init_seed']}"
+    o = (cache.attrs.get("provenance") or {}).get("weights_origin")
+    o = o if isinstance(o, dict) else {}
+    sha = str(t.get("weights_sha256") or o.get("sha256") or "")[:12]
+    if o.get("kind") == "file":
+        return f"file {o.get('name')} sha256 {sha}"
+    if o.get("kind") == "pretrained":
+        return f"pretrained {o.get('tag')}" + (f" sha256 {sha}" if sha else "")
+    return f"sha256 {sha}" if sha else "unknown"
+
+
 def _cache_info(cache: Cache) -> dict[str, Any]:
     done = cache.done()
     entry = cache.entry_bytes()
@@ -23,6 +39,7 @@ def _cache_info(cache: Cache) -> dict[str, Any]:
         "path": cache.path,
         "backend": cache.backend_name,
         "key": cache.key,
+        "weights": weights_origin(cache),
         "spec": cache.spec.to_dict(),
         "n": cache.n,
         "num_augs": cache.num_augs,
@@ -86,6 +103,7 @@ def format_info(d: dict[str, Any]) -> str:
         ("cache", f"{d['path']} ({d['backend']})"),
         ("key", d["key"]),
         ("teacher", f"{t.get('name', '?')} ({t.get('source', '?')}), {t['num_classes']} classes"),
+        ("weights", str(d.get("weights", "?"))),
         ("dataset", f"{ds.get('name', '?')}/{ds.get('split', '?')}, {ds['n']} samples"),
         (
             "views",
@@ -117,7 +135,7 @@ def format_info(d: dict[str, Any]) -> str:
     kl = d.get("sparse_kl")
     if kl:
         rows.insert(
-            8,
+            9,
             ("sparse KL", f"mean KL(dense||sparse) {kl.get('T1', 0):.4g} at T=1, "
              f"{kl.get('T4', 0):.4g} at T=4 over {kl.get('entries')} entries"),
         )  # fmt: skip
@@ -166,6 +184,7 @@ def _row(c: Cache, kind: str) -> dict[str, Any]:
     s = c.spec
     return {
         "path": c.path, "kind": kind, "key": c.key, "teacher": s.teacher.get("name"),
+        "weights": weights_origin(c),
         "dataset": f"{s.dataset.get('name', '?')}/{s.dataset.get('split', '?')}",
         "views": {"policy": s.views.get("policy"), "num_augs": s.num_augs,
                   "seed": s.views.get("seed")},
@@ -198,13 +217,14 @@ def format_ls(rows: list[dict]) -> str:
     """A table of `ls` rows."""
     if not rows:
         return "no caches found"
-    head = ("key", "teacher", "dataset", "views", "N x A x C", "storage", "bytes", "state", "path")
+    head = ("key", "teacher", "weights", "dataset", "views", "N x A x C", "storage", "bytes",
+            "state", "path")  # fmt: skip
     table = [head]
     for r in rows:
         v = r["views"]
         state = "complete" if r["complete"] else f"{r['done_chunks']}/{r['n_chunks']} chunks"
         table.append((
-            r["key"][:12], str(r["teacher"]), r["dataset"],
+            r["key"][:12], str(r["teacher"]), str(r.get("weights", "?")), r["dataset"],
             f"{v['policy']} A={v['num_augs']} seed={v['seed']}",
             " x ".join(map(str, r["shape"])), f"{r['dtype']} {r['storage']}",
             human_bytes(r["bytes"]), state, r["path"],

@@ -11,9 +11,8 @@ from collections.abc import Callable
 import numpy as np
 
 from cache import remote
-from cache.backends import layout
 from cache.dtypes import decode
-from cache.errors import CacheCorruptError, KdcacheError
+from cache.errors import CacheCorruptError
 from cache.reader import MULTI, Cache
 from cache.spec import dataset_fingerprint
 from cache.store import chunk_digest, open_cache, read_meta
@@ -26,26 +25,6 @@ ReplayCheck = Callable[[Cache], list[str]]
 def _short(idx: list[int], k: int = 8) -> str:
     idx = [int(i) for i in idx]
     return f"{idx[:k]}" + (f" (+{len(idx) - k} more)" if len(idx) > k else "")
-
-
-def _check_layout(cache: Cache) -> list[str]:
-    problems = []
-    targets = cache.codec.layout()
-    for name, (shape, dtype, _chunks) in layout(cache.spec).items():
-        try:
-            got = cache._b.shape(name)
-            got_dtype = cache._b.stored_dtype(name)
-        except KdcacheError as e:
-            problems.append(str(e))
-            continue
-        if got != shape:
-            problems.append(f"array {name} has shape {got}; spec says {shape}")
-        want = "str" if name == "keys" else np.dtype(dtype).name
-        if name in targets:
-            want = targets[name][2]
-        if got_dtype != want:
-            problems.append(f"array {name} has dtype {got_dtype}; spec says {want}")
-    return problems
 
 
 def _check_chunks(cache: Cache, sums: np.ndarray, done: np.ndarray) -> list[str]:
@@ -74,10 +53,8 @@ def _check_chunks(cache: Cache, sums: np.ndarray, done: np.ndarray) -> list[str]
 
 
 def _verify_one(cache: Cache) -> list[str]:
-    problems = _check_layout(cache)
+    problems = cache.structure_problems()
     meta = cache.attrs
-    if meta.get("key") != cache.key:
-        problems.append(f"attrs key {meta.get('key')} != key of the stored spec {cache.key}")
     if problems:  # arrays do not match the spec: chunk checks would only add noise
         return problems
     done = np.asarray(cache._b.read("done")).astype(bool)  # the array itself, not the attrs
@@ -102,6 +79,10 @@ def _verify_one(cache: Cache) -> list[str]:
                     f"attrs checksums differ from the checksums array at chunks {_short(diff)}"
                 )
     problems += _check_chunks(cache, sums, done)
+    try:
+        cache.blobs()
+    except CacheCorruptError as e:
+        problems.append(str(e))
     labels, keys = cache.labels(), cache.keys()
     fp = cache.spec.dataset.get("fingerprint")
     if fp is not None and dataset_fingerprint(keys, labels) != fp:

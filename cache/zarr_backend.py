@@ -54,7 +54,7 @@ class ZarrBackend(Backend):
     @classmethod
     def create(
         cls, path: str, spec: CacheSpec, meta: dict, labels: np.ndarray, keys: list[str],
-        storage_options: dict | None = None,
+        storage_options: dict | None = None, blobs: dict[str, bytes] | None = None,
     ) -> None:  # fmt: skip
         """Lay out a new store at `path` (which must not exist); the attrs are written last,
         so a half-created remote store is never taken for a cache."""
@@ -78,6 +78,13 @@ class ZarrBackend(Backend):
                     arr.attrs["kdcache_dtype"] = spec.dtype
             group["labels"][:] = labels
             group["keys"][:] = np.array(keys, dtype=object)
+            for name, data in (blobs or {}).items():
+                raw = np.frombuffer(data, np.uint8)
+                arr = group.create_array(
+                    name, shape=raw.shape, dtype=np.uint8, chunks=(max(1, raw.size),),
+                    compressors=None, fill_value=0,
+                )  # fmt: skip
+                arr[:] = raw
             group.attrs[META_KEY] = meta
 
     @staticmethod

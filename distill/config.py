@@ -44,6 +44,7 @@ class DistillConfig:
     seed: int = 0
     out: str = "runs/distill"
     resume: bool = False
+    overwrite: bool = False
     max_samples: int | None = None
     image_column: str | None = None
     text_column: str | None = None

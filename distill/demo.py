@@ -58,6 +58,7 @@ def main() -> None:
         "--weight-decay",
         "5e-4",
         "--no-plots",
+        "--overwrite",  # a rerun of the demo replaces its runs
     ]
     rows = []
     _, t = cli(

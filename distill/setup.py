@@ -136,6 +136,11 @@ def build_run(cfg: DistillConfig, rt) -> Run:
     tok = None
     if modality == "text":
         tok_info = {"modality": "text", **cache0.spec.teacher} if cache0 is not None else info
+        if cache0 is not None:  # the tokenizer stored in the cache, not the teacher's path
+            from models.factory import check_vocab, load_tokenizer
+
+            tok_info["tokenizer_files"] = cache0.tokenizer_files()
+            check_vocab(info, load_tokenizer(tok_info), cache0.spec.teacher.get("name"))
         for ds in (train, test):
             if ds is not None:
                 tok = _tokenize(ds, tok_info)

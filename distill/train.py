@@ -7,7 +7,6 @@ trained. Checkpoints carry their config; `--resume` continues from the last fini
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from distill.checkpoint import commit_epoch, prepare_out
 from distill.config import DistillConfig
 from distill.loop import BatchMaker, epoch_batches, evaluate_model, prefetch_depth, train_epoch
 from distill.metrics import MetricsLog
@@ -34,13 +34,6 @@ def _reduce(rt: Runtime, d: dict) -> dict:
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temp name, then rename: a killed run never leaves a torn checkpoint."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def run(cfg: DistillConfig) -> dict:
     """Train end to end; returns the final metrics record (also in OUT/metrics.jsonl)."""
     rt = init_runtime(cfg.device)
@@ -54,6 +47,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     torch.manual_seed(cfg.seed)
     r = build_run(cfg, rt)
     out = Path(cfg.out)
+    cache_keys = [c.key for c in getattr(r.teacher, "caches", [])]
+    ck = prepare_out(cfg, rt.is_main, cache_keys)  # refuses to clobber; resumes what matches
     model = r.model.to(rt.device)
     if rt.device.type == "cuda" and r.modality == "image":
         model = model.to(memory_format=torch.channels_last)
@@ -65,9 +60,9 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt)
     metrics = MetricsLog(out, enabled=rt.is_main)
-    start_epoch, step, best = 0, 0, -1.0
-    if cfg.resume and (out / "last.pt").exists():
-        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    start_epoch, step, best, best_epoch = 0, 0, -1.0, None
+    if ck is not None:
+        best_epoch = ck.get("best_epoch")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -76,8 +71,6 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
             r.mrkd.load_state(model, ck.get("mrkd", []))
         metrics.truncate(start_epoch)
         log.info("resumed %s at epoch %d (step %d)", out, start_epoch, step)
-    elif cfg.resume:
-        log.warning("--resume: no %s/last.pt yet; starting from scratch", out)
     on_step = None
     if r.mrkd is not None:
         on_step = lambda s: r.mrkd.maybe_snapshot(model, s)  # noqa: E731
@@ -141,8 +134,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         is_best = acc > best
         best = max(best, acc)
         record["best_acc"] = best
+        best_epoch = epoch if is_best else best_epoch
         if rt.is_main:
-            metrics.append(record)
             state = {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -150,15 +143,15 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
                 "epoch": epoch,
                 "step": step,
                 "best_acc": best,
+                "best_epoch": best_epoch,
                 "config": cfg.to_dict(),
+                "cache_keys": cache_keys,
                 "model_info": r.info,
                 "record": record,
             }
             if r.mrkd is not None:
                 state["mrkd"] = r.mrkd.state()
-            save_checkpoint(out / "last.pt", state)
-            if is_best:
-                save_checkpoint(out / "best.pt", state)
+            commit_epoch(out, metrics, record, state, is_best)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{acc:.3f}")
         barrier(rt)
         if cfg.max_steps is not None and step >= cfg.max_steps:

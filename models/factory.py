@@ -66,24 +66,58 @@ def create_model(
     num_classes: int | None = None,
     pretrained: bool = False,
     weights: str | None = None,
+    init_seed: int | None = None,
     **kw,
 ) -> tuple[nn.Module, dict]:
     """Build a model by prefixed name; see the module docstring and ``info`` keys below.
 
     ``info``: name, source (timm|torchvision|hf|cifar), arch, num_classes, weights_sha256
     (sha256 of ``weights`` file; for library-pretrained weights a sha256 of the loaded
-    tensors; None for random init), preprocessing, modality (image|text).
+    tensors; None for random init), weights_origin (see ``weights_origin``), preprocessing,
+    modality (image|text).
+    ``init_seed``: a random init drawn from this seed (reproducible, unlike the global RNG).
     Extra kw: ``model_kwargs`` (dict forwarded to the library builder), ``max_length`` (hf).
     """
-    if pretrained and weights:
-        raise KdcacheError("give either pretrained=True or weights=PATH, not both")
+    if sum(map(bool, (pretrained, weights, init_seed is not None))) > 1:
+        raise KdcacheError("give one of pretrained=True, weights=PATH or init_seed, not several")
     state = read_weights(weights) if weights else None
     source = model_source(name)
     if source == "hf:":
         from models.hf import create_hf_model
 
-        return create_hf_model(name, name[3:], num_classes, state, weights, kw)
-    source, arch = MODEL_SOURCES[source].resolve(name)
+        if init_seed is not None:
+            raise KdcacheError(f"{name!r} is loaded with from_pretrained; it has no random init")
+        model, info = create_hf_model(name, name[3:], num_classes, state, weights, kw)
+        info["weights_origin"] = weights_origin(info, weights, True, None)
+        return model, info
+    if init_seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(init_seed))
+            return _create(name, source, num_classes, pretrained, state, weights, init_seed, kw)
+    return _create(name, source, num_classes, pretrained, state, weights, init_seed, kw)
+
+
+def weights_origin(
+    info: dict, weights: str | None, pretrained: bool, init_seed: int | None
+) -> dict:
+    """Where a model's weights came from, for humans (`cache ls/info`): a file (name +
+    sha256), library-pretrained weights (tag), a seeded random init, or an unseeded one."""
+    if weights:
+        import os
+
+        return {"kind": "file", "name": os.path.basename(str(weights).rstrip("/")),
+                "sha256": info.get("weights_sha256")}  # fmt: skip
+    if pretrained:
+        return {"kind": "pretrained", "tag": info.get("pretrained_tag") or info.get("name"),
+                "sha256": info.get("weights_sha256")}  # fmt: skip
+    if init_seed is not None:
+        return {"kind": "random-init", "seed": int(init_seed)}
+    return {"kind": "random", "seed": None}
+
+
+def _create(name, source_key, num_classes, pretrained, state, weights, init_seed, kw):
+    """create_model for timm, torchvision and the CIFAR zoo."""
+    source, arch = MODEL_SOURCES[source_key].resolve(name)
     model_kwargs = dict(kw.get("model_kwargs") or {})
     builder = _BUILDERS[source]
 
@@ -110,6 +144,11 @@ def create_model(
         "preprocessing": preprocessing,
         "modality": "image",
     }
+    if pretrained:
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        tag = cfg.get("tag") if isinstance(cfg, dict) else None
+        info["pretrained_tag"] = f"{arch}.{tag}" if tag else arch
+    info["weights_origin"] = weights_origin(info, weights, pretrained, init_seed)
     return model, info
 
 
@@ -183,12 +222,30 @@ def model_source(name: str) -> str:
 
 
 def load_tokenizer(info: dict):
-    """The tokenizer recorded in a text model's info (``preprocessing.tokenizer``)."""
-    from models.hf import load_hf_tokenizer
+    """The tokenizer of a text model's info: the files stored in its cache when given
+    (``tokenizer_files``, from ``Cache.tokenizer_files()``: a pulled cache is
+    self-contained), else ``preprocessing.tokenizer`` (a local path or hub id)."""
+    from models.hf import load_hf_tokenizer, tokenizer_from_files
 
     if info.get("modality") != "text":
         raise KdcacheError(f"model {info.get('name')!r} is not a text model; it has no tokenizer")
+    if info.get("tokenizer_files"):
+        return tokenizer_from_files(info["tokenizer_files"], f"the cache of {info.get('name')}")
     return load_hf_tokenizer(info["preprocessing"]["tokenizer"])
+
+
+def check_vocab(student: dict, tok, teacher: str) -> None:
+    """A text student must embed every token id of the cache's tokenizer (the replayed views
+    are those ids); otherwise one error naming both sizes instead of an IndexError."""
+    from models.hf import vocab_size
+
+    have, need = int(student.get("vocab_size") or 0), vocab_size(tok)
+    if have and need > have:
+        raise KdcacheError(
+            f"student {student.get('name')!r} has a vocabulary of {have} tokens but the "
+            f"tokenizer of teacher {teacher!r} (stored in the cache) has {need}; use a student "
+            "built on the teacher's tokenizer"
+        )
 
 
 def model_input_size(info: dict) -> tuple[int, ...]:

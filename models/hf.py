@@ -86,6 +86,7 @@ def create_hf_model(
         "weights_sha256": sha,
         "preprocessing": {"tokenizer": path, "max_length": max_length},
         "modality": "text",
+        "vocab_size": int(getattr(net.config, "vocab_size", 0) or 0),
     }
     return TextClassifier(net), info
 
@@ -94,6 +95,42 @@ def load_hf_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return _hub("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path))
+
+
+def tokenizer_files(tok) -> dict[str, bytes]:
+    """A tokenizer as its save_pretrained files (name -> bytes), to store inside a cache."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kdcache-tok-") as d:
+        tok.save_pretrained(d)
+        out = {}
+        for name in sorted(os.listdir(d)):
+            full = os.path.join(d, name)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    out[name] = f.read()
+    return out
+
+
+def tokenizer_from_files(files: dict[str, bytes], where: str):
+    """Rebuild a tokenizer from files stored in a cache; the names were checked to be plain
+    names when they were read (cache.blobs), so they are written only inside a temp dir."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="kdcache-tok-") as d:
+        for name, data in files.items():
+            if os.path.basename(name) != name or name in (".", ".."):
+                raise KdcacheError(f"{where}: tokenizer file {name!r} is not a plain name")
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+        return _hub("tokenizer stored in", where, lambda: AutoTokenizer.from_pretrained(d))
+
+
+def vocab_size(tok) -> int:
+    """Token ids a tokenizer can emit (its base vocabulary plus added tokens)."""
+    return int(len(tok))
 
 
 def _hf_weights_sha256(path: str, net: nn.Module) -> str:

@@ -21,6 +21,7 @@ class PrecomputeConfig:
     seed: int = 0
     weights: str | None = None
     pretrained: bool = False
+    random_init: int | None = None  # seed of a random teacher (tests, smoke runs); keyed
     num_classes: int | None = None
     image_size: int | None = None
     max_length: int | None = None

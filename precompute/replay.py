@@ -35,7 +35,8 @@ def replay_problems(cache, data_root: str | None) -> list[str]:
     if ds.modality == "text":
         from models.factory import load_tokenizer
 
-        tok = load_tokenizer({"modality": "text", **spec.teacher})
+        files = cache.tokenizer_files()
+        tok = load_tokenizer({"modality": "text", **spec.teacher, "tokenizer_files": files})
         collate = TextCollate(tok, spec.teacher["preprocessing"]["max_length"])
     policy = get_policy(spec.views["policy"], **(spec.views.get("params") or {}))
     maker = ViewMaker(ds, policy, collate)

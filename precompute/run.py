@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from cache.backends import backend_class, exists
-from cache.errors import KdcacheError
+from cache.errors import DiskFullError, KdcacheError
 from models.runtime import (
     Runtime,
     barrier,
@@ -80,6 +80,7 @@ def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
         provenance=setup.provenance(cfg),
         backend=setup.backend,
         storage_options=cfg.storage_options or None,
+        tokenizer=_tokenizer_files(setup),
     )
     if hdf5 and rt.distributed:
         # HDF5 has one writer per file: each rank writes a shard, rank 0 merges them.
@@ -108,6 +109,16 @@ def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
     return writer
 
 
+def _tokenizer_files(setup: Setup) -> dict | None:
+    """A text teacher's tokenizer, stored inside the cache (self-contained when pulled)."""
+    if setup.modality != "text":
+        return None
+    from models.factory import load_tokenizer
+    from models.hf import tokenizer_files
+
+    return tokenizer_files(load_tokenizer(setup.info))
+
+
 def run(cfg: PrecomputeConfig) -> dict:
     """Run stage 1 end to end and return a summary (path, key, shape, bytes, seconds)."""
     rt = init_runtime(cfg.device)
@@ -125,9 +136,10 @@ def _run(cfg: PrecomputeConfig, rt: Runtime) -> dict:
     writer = _open_writer(cfg, setup, rt, path)
     try:
         return _compute(cfg, rt, setup, path, writer, t0)
-    except KdcacheError:
-        if rt.is_main and not existed:  # a run that fails on bad input leaves nothing behind
-            writer.close()
+    except KdcacheError as e:
+        writer.close()  # releases the lock: a rerun never finds a leftover one
+        # a run that fails on bad input leaves nothing behind; a full disk keeps every chunk
+        if rt.is_main and not existed and not isinstance(e, DiskFullError):
             backend_class(setup.backend).delete(path, cfg.storage_options or None)
         raise
 

@@ -79,6 +79,7 @@ class Setup:
             "command": cfg.command,
             "dataset": cfg.dataset,
             "data_root": cfg.data_root,
+            "weights_origin": self.info.get("weights_origin"),
             "replay_digests": replay_digests(self),
         }
 
@@ -159,8 +160,10 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
         num_classes=_num_classes_arg(cfg, dataset),
         pretrained=cfg.pretrained,
         weights=cfg.weights,
+        init_seed=cfg.random_init,
         **extra,
     )
+    _check_trained(cfg, info)
     modality = info.get("modality", "image")
     if modality != dataset.modality:
         raise KdcacheError(
@@ -187,6 +190,8 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
             "weights_sha256": info.get("weights_sha256"),
             "num_classes": int(info["num_classes"]),
             "preprocessing": info["preprocessing"],
+            # only random teachers carry it, so the keys of trained ones are unchanged
+            **({} if cfg.random_init is None else {"init_seed": int(cfg.random_init)}),
         },
         dataset=dataset_spec,
         views={
@@ -218,6 +223,16 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
     )
 
 
+def _check_trained(cfg: PrecomputeConfig, info: dict) -> None:
+    """A teacher without weights gives logits that differ from run to run under one key;
+    only an explicitly seeded random teacher is allowed (its seed is in the spec)."""
+    if (info.get("weights_origin") or {}).get("kind") == "random":
+        raise KdcacheError(
+            f"teacher {cfg.teacher!r} has no trained weights: pass --weights PATH or "
+            "--pretrained (a random teacher, for tests and smoke runs: --random-init [SEED])"
+        )
+
+
 def _check_options(cfg: PrecomputeConfig) -> None:
     for name in ("num_augs", "chunk_samples", "batch_size"):
         v = getattr(cfg, name)
@@ -225,8 +240,10 @@ def _check_options(cfg: PrecomputeConfig) -> None:
             raise KdcacheError(f"--{name.replace('_', '-')} {v} must be a positive integer")
     if cfg.workers < 0:
         raise KdcacheError(f"--workers {cfg.workers} must be >= 0")
-    if cfg.weights and cfg.pretrained:
-        raise KdcacheError("--weights and --pretrained exclude each other; give one")
+    given = [n for n, v in (("--weights", cfg.weights), ("--pretrained", cfg.pretrained),
+             ("--random-init", cfg.random_init is not None)) if v]  # fmt: skip
+    if len(given) > 1:
+        raise KdcacheError(f"{' and '.join(given)} exclude each other; give one")
 
 
 def _backend(cfg: PrecomputeConfig) -> str:

@@ -40,6 +40,7 @@ def test_cache_info_json_and_missing_path(tmp_path):
         "precompute",
         "--teacher",
         "resnet8",
+        "--random-init",
         "--dataset",
         "digits",
         "--max-samples",

@@ -262,6 +262,7 @@ def test_imagefolder_torchvision_rrc_flip(tmp_path, make_imagefolder):
         "precompute",
         "--teacher",
         "tv:resnet18",
+        "--random-init",
         "--dataset",
         "imagefolder",
         "--data-root",
@@ -327,7 +328,8 @@ def _nan_weights(tmp_path) -> str:
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, case, make_cifar):
     out = tmp_path / "out.zarr"
-    base = ["precompute", *DIGITS, "--max-samples", "20", "--out", out]
+    init = [] if case in ("classes", "nan") else ["--random-init"]  # those give --weights
+    base = ["precompute", *DIGITS, *init, "--max-samples", "20", "--out", out]
     args, expect = {
         "teacher": (["--teacher", "nosuchnet"], "nosuchnet"),
         "dataset": (["--dataset", "mnist9"], "mnist9"),
