@@ -127,15 +127,15 @@ class CropFlip(ViewPolicy):
         """One padded tensor + a flat gather (no per-image loop)."""
         b, c, h, w = raw_batch.shape
         pad = self.params["pad"]
-        params = torch.as_tensor(params).reshape(b, 3)
+        params = torch.as_tensor(params).reshape(b, 3).to(raw_batch.device)
         hp, wp = h + 2 * pad, w + 2 * pad
         padded = F.pad(raw_batch, (pad, pad, pad, pad)).reshape(b, c, hp * wp)
         dx = params[:, 0].long().clamp_(0, 2 * pad)
         dy = params[:, 1].long().clamp_(0, 2 * pad)
         flip = params[:, 2] > 0.5
-        xs = torch.arange(w)
+        xs = torch.arange(w, device=raw_batch.device)
         cols = torch.where(flip[:, None], w - 1 - xs, xs) + dx[:, None]  # (B, W)
-        rows = torch.arange(h)[None, :] + dy[:, None]  # (B, H)
+        rows = torch.arange(h, device=raw_batch.device)[None, :] + dy[:, None]  # (B, H)
         idx = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
         out = torch.gather(padded, 2, idx).reshape(b, c, h, w)
         return resize(to_float(out), self.params["size"])
@@ -194,9 +194,9 @@ class RandomResizedCropFlip(ViewPolicy):
         x = to_float(raw_batch)
         b = x.shape[0]
         oh, ow = _size2(self.params["size"]) or tuple(x.shape[-2:])
-        p = torch.as_tensor(params, dtype=torch.float32).reshape(b, 5)
-        fy = (torch.arange(oh, dtype=torch.float32) + 0.5) / oh  # (oh,)
-        fx = (torch.arange(ow, dtype=torch.float32) + 0.5) / ow
+        p = torch.as_tensor(params, dtype=torch.float32).reshape(b, 5).to(x.device)
+        fy = (torch.arange(oh, dtype=torch.float32, device=x.device) + 0.5) / oh  # (oh,)
+        fx = (torch.arange(ow, dtype=torch.float32, device=x.device) + 0.5) / ow
         fx = torch.where(p[:, 4:5] > 0.5, 1.0 - fx, fx)  # (B, ow)
         gy = 2.0 * (p[:, 0:1] + p[:, 2:3] * fy) - 1.0  # (B, oh)
         gx = 2.0 * (p[:, 1:2] + p[:, 3:4] * fx) - 1.0  # (B, ow)

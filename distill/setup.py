@@ -72,7 +72,7 @@ def _policy(cfg: DistillConfig, cache, info: dict, modality: str):
 def build_run(cfg: DistillConfig, rt) -> Run:
     """Everything is validated here, before a single step or file write."""
     from data.datasets import load_dataset
-    from distill.losses import regularization_samples
+    from distill.recipe import ce_weight, reg_count, with_label_smoothing
     from distill.teachers import CachedTeacher, MrKDTeacher, open_caches
     from models.factory import create_model
 
@@ -85,8 +85,11 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             f"{rt.world_size}; it is the global batch"
         )
     loss_fn, needs_teacher, hp = _loss(cfg)
-    if needs_teacher and not cfg.caches and cfg.loss != "mrkd":
-        raise KdcacheError(f"--loss {cfg.loss} needs teacher logits: give --cache PATH")
+    if needs_teacher and not cfg.caches and cfg.loss != "mrkd" and not cfg.teacher:
+        raise KdcacheError(
+            f"--loss {cfg.loss} needs teacher logits: give --cache PATH or --teacher NAME"
+        )
+    _check_teacher_options(cfg)
     train = load_dataset(
         cfg.dataset,
         root=cfg.data_root,
@@ -109,7 +112,21 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             f"student {cfg.student!r} takes {modality} but dataset "
             f"{cfg.dataset!r} is {train.modality}"
         )
-    teacher = None
+    teacher = online = None
+    if cfg.teacher:
+        from distill.teachers import OnlineTeacher
+
+        online = OnlineTeacher.create(
+            cfg.teacher, cfg.teacher_weights, num_classes, rt.device, cfg.amp, cfg.compile
+        )
+    if cfg.fill_missing:
+        from distill.fill import fill_missing
+
+        fill_missing(cfg.caches[0], cfg.storage_options, train, num_classes, online, 256)
+        online = None  # the cache is complete now: train from it
+    elif online is not None and not needs_teacher:
+        log.warning("--loss %s uses no teacher logits; --teacher is not run", cfg.loss)
+        online = None
     if cfg.caches:
         caches = open_caches(cfg.caches, train, num_classes, cfg.storage_options)
         teacher = CachedTeacher(
@@ -122,7 +139,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             if ds is not None:
                 _tokenize(ds, tok_info)
     policy = _policy(cfg, cache0, info, modality)
-    mrkd = live = None
+    mrkd, live = None, online
     if cfg.loss == "mrkd":
         steps = max(1, len(train) // cfg.batch_size)
         mrkd = live = MrKDTeacher(int(hp.get("M", 2)), int(hp.get("interval") or steps))
@@ -133,12 +150,29 @@ def build_run(cfg: DistillConfig, rt) -> Run:
         log.info("--loss %s uses no teacher logits; the cache provides the views", cfg.loss)
     reg_fn = None
     if needs_teacher:
-        reg_fn = functools.partial(regularization_samples, T=float(hp.get("T", 1.0)))
+        reg_fn = functools.partial(reg_count, T=float(hp.get("T", 1.0)))
     if not needs_teacher:
         loss_fn = _ignore_teacher(loss_fn)
     elif cfg.loss == "mrkd":
         loss_fn = _fallback_ce(loss_fn)
+    if cfg.label_smoothing:
+        loss_fn = with_label_smoothing(loss_fn, cfg.label_smoothing, ce_weight(cfg.loss, hp))
     return Run(model, info, modality, train, test, policy, teacher, live, mrkd, loss_fn, reg_fn)
+
+
+def _check_teacher_options(cfg: DistillConfig) -> None:
+    """--teacher alone: online KD; with --cache only together with --fill-missing."""
+    if cfg.teacher_weights and not cfg.teacher:
+        raise KdcacheError("--teacher-weights needs --teacher NAME")
+    if cfg.fill_missing and not (cfg.teacher and len(cfg.caches) == 1):
+        raise KdcacheError("--fill-missing needs one --cache PATH and the --teacher that made it")
+    if cfg.teacher and cfg.caches and not cfg.fill_missing:
+        raise KdcacheError(
+            "--teacher with --cache: add --fill-missing to complete the cache with that teacher, "
+            "or drop one of them (cached or online KD)"
+        )
+    if cfg.teacher and cfg.loss == "mrkd":
+        raise KdcacheError("--loss mrkd distills from the student's own history; drop --teacher")
 
 
 def _ignore_teacher(fn):

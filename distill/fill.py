@@ -1,0 +1,89 @@
+"""`distill --cache C --teacher T --fill-missing`: compute the chunks a cache lacks with the
+online teacher and write them back under the writer lock, before training starts.
+
+The missing chunks get exactly what stage 1 would have written: view params from
+`(views.seed, sample, aug)`, the cache's own view policy, the teacher's raw logits, written
+through `CacheWriter.write_chunk` (arrays, checksum, done flag), then the cache is finalized.
+Stage 1 is not imported: the two stages meet only in the cache format.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from cache.errors import KdcacheError
+from data.datasets import raw_batch
+from distill.feed import to_input
+
+log = logging.getLogger(__name__)
+
+
+def _check(cache, path: str, dataset, num_classes: int, teacher) -> None:
+    if cache.n != len(dataset) or cache.spec.dataset.get("fingerprint") != dataset.fingerprint():
+        raise KdcacheError(
+            f"cache {path} (N={cache.n}) was computed on another dataset than "
+            f"{dataset.name}/{dataset.split} (N={len(dataset)}); check --dataset/--data-root"
+        )
+    if cache.num_classes != num_classes:
+        raise KdcacheError(f"cache {path} has {cache.num_classes} classes; expected {num_classes}")
+    want, got = cache.spec.teacher, teacher.info
+    if want.get("name") != got.get("name"):
+        raise KdcacheError(
+            f"--fill-missing: cache {path} holds teacher {want.get('name')!r}, "
+            f"not --teacher {got.get('name')!r}"
+        )
+    if want.get("weights_sha256") != got.get("weights_sha256"):
+        raise KdcacheError(
+            f"--fill-missing: --teacher-weights have sha256 "
+            f"{str(got.get('weights_sha256'))[:12]}; cache {path} was computed with "
+            f"{str(want.get('weights_sha256'))[:12]}"
+        )
+
+
+def chunk_logits(teacher, policy, dataset, samples: np.ndarray, params: np.ndarray, bs: int):
+    """(n, A, C) float32 logits of `samples` under their (n, A, P) view params."""
+    n, a, p = params.shape
+    raw = raw_batch(dataset, samples)
+    rows = np.repeat(np.arange(n), a)
+    flat = torch.from_numpy(np.ascontiguousarray(params.reshape(n * a, p)))
+    outs = []
+    for lo in range(0, n * a, bs):
+        idx = torch.from_numpy(rows[lo : lo + bs])
+        views = policy.apply(raw[idx], flat[lo : lo + bs])
+        outs.append(teacher.logits(None, None, to_input(views, teacher.device)))
+    return torch.cat(outs).cpu().numpy().reshape(n, a, -1)
+
+
+def fill_missing(
+    path: str, storage_options: dict | None, dataset, num_classes: int, teacher, batch_size: int
+) -> int:
+    """Fill every chunk of `path` that is not done; returns how many were computed."""
+    from cache.store import open_cache
+    from data.views import get_policy, view_params_for
+
+    with open_cache(path, "r", storage_options or None) as ro:
+        _check(ro, path, dataset, num_classes, teacher)
+        if ro.is_complete():
+            log.info("--fill-missing: cache %s is complete; nothing to compute", path)
+            return 0
+    w = open_cache(path, "a", storage_options or None)  # the writer lock: one filler at a time
+    try:
+        v = w.spec.views
+        policy = get_policy(v["policy"], **dict(v.get("params") or {}))
+        todo = w.todo_chunks()
+        for c in todo:
+            start, stop = w.chunk_range(c)
+            samples = np.arange(start, stop, dtype=np.int64)
+            params = view_params_for(
+                policy, v["seed"], samples, int(v["num_augs"]), bool(v["identity_view"])
+            )
+            logits = chunk_logits(teacher, policy, dataset, samples, params, batch_size)
+            w.write_chunk(c, logits, params)
+            log.info("--fill-missing: wrote chunk %d of %s", c, path)
+        w.finalize()
+    finally:
+        w.close()
+    return len(todo)
