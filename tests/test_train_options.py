@@ -161,3 +161,39 @@ def test_option_refusals(tmp_path, extra, expect):
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("error: ") and expect in last, res.output
     assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_resume_restores_ema_and_step_log(tmp_path):
+    args = ["distill", "--student", "resnet8", *TRAIN, "--ema", "--log-every", "1"]
+    cli(*args, "--epochs", "3", "--out", tmp_path / "straight")
+    cli(*args, "--epochs", "3", "--max-steps", "6", "--out", tmp_path / "killed")
+    log = tmp_path / "killed" / "steps.jsonl"
+    assert [r["step"] for r in _rows(log)] == [1, 2, 3, 4, 5, 6]
+    with log.open("a") as f:  # a row logged after the last checkpoint, then killed
+        f.write(json.dumps({"epoch": 2, "step": 7, "loss": -1.0}) + "\n")
+    cli(*args, "--epochs", "3", "--resume", "--out", tmp_path / "killed")
+    a, b = (_rows(tmp_path / d / "steps.jsonl") for d in ("straight", "killed"))
+    assert [r["step"] for r in b] == list(range(1, 10))  # step 7 was dropped and redone
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == y["loss"] and x["train_acc"] == y["train_acc"]
+    ea, eb = (
+        torch.load(tmp_path / d / "last.pt", weights_only=True)["ema"]
+        for d in ("straight", "killed")
+    )
+    assert ea["updates"] == eb["updates"] == 9
+    assert all(torch.equal(ea["module"][k], eb["module"][k]) for k in ea["module"])
+
+
+def test_ddp_rank0_prints_the_summary_and_logs_global_rows(tmp_path):
+    from tests.clitools import torchrun
+
+    run = tmp_path / "ddp"
+    p = torchrun(
+        2, "distill", "--student", "resnet8", "--epochs", "1", "--out", run, *TRAIN,
+        "--log-every", "1",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("done: ") == 1, p.stdout
+    steps = _rows(run / "steps.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3]  # one row per step, written by rank 0
+    assert all(0 <= r["train_acc"] <= 1 for r in steps)
