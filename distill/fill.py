@@ -87,3 +87,20 @@ def fill_missing(
     finally:
         w.close()
     return len(todo)
+
+
+def fill_missing_rank0(rt, *args) -> int:
+    """Under torchrun only rank 0 fills (one writer lock); the others wait for it and share
+    its error, so every rank stops with the same one-line message."""
+    from models.runtime import broadcast_object
+
+    done, err = 0, None
+    if rt.is_main:
+        try:
+            done = fill_missing(*args)
+        except KdcacheError as e:
+            err = str(e)
+    err = broadcast_object(rt, err)
+    if err:
+        raise KdcacheError(err)
+    return done

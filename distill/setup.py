@@ -120,9 +120,9 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             cfg.teacher, cfg.teacher_weights, num_classes, rt.device, cfg.amp, cfg.compile
         )
     if cfg.fill_missing:
-        from distill.fill import fill_missing
+        from distill.fill import fill_missing_rank0
 
-        fill_missing(cfg.caches[0], cfg.storage_options, train, num_classes, online, 256)
+        fill_missing_rank0(rt, cfg.caches[0], cfg.storage_options, train, num_classes, online, 256)
         online = None  # the cache is complete now: train from it
     elif online is not None and not needs_teacher:
         log.warning("--loss %s uses no teacher logits; --teacher is not run", cfg.loss)

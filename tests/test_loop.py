@@ -220,3 +220,30 @@ def test_views_replay_on_the_device_of_the_images():
     ):
         out = get_policy(name, **kw).apply(raw, torch.tensor(p, dtype=torch.float32))
         assert out.device.type == "meta" and out.dtype == torch.float32
+
+
+def test_inputs_and_eager_prefetch():
+    """uint8 batches become float [0,1] (channels_last on request); the prefetch thread starts
+    making batches before the first one is asked for (so evaluation overlaps it)."""
+    import threading
+    import time
+
+    from distill.feed import prefetch, to_input
+
+    raw = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    x = to_input(raw, CPU, channels_last=True)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, raw.float() / 255.0, rtol=0, atol=0)
+    made = threading.Event()
+
+    def gen():
+        made.set()
+        yield from range(3)
+
+    it = prefetch(gen(), depth=2)
+    deadline = time.time() + 10
+    while not made.is_set() and time.time() < deadline:
+        time.sleep(0.01)
+    assert made.is_set() and list(it) == [0, 1, 2]
+    lazy = prefetch(iter(range(2)), depth=0)
+    assert list(lazy) == [0, 1]
