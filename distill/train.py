@@ -88,8 +88,10 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         best_epoch = ck.get("best_epoch", -1)
         if r.mrkd is not None:
             r.mrkd.load_state(model, ck.get("mrkd", []))
-        if ema is not None and "ema" in ck:
-            ema.load_state_dict(ck["ema"])
+        if ema is not None:  # from the resumed weights when the checkpoint has no EMA yet
+            ema = ModelEma(model, cfg.ema_decay)
+            if "ema" in ck:
+                ema.load_state_dict(ck["ema"])
         metrics.truncate(start_epoch)
         steplog.truncate(step)
         log.info("resumed %s at epoch %d (step %d)", out, start_epoch, step)
