@@ -90,6 +90,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             f"--loss {cfg.loss} needs teacher logits: give --cache PATH or --teacher NAME"
         )
     _check_teacher_options(cfg)
+    ls_weight = ce_weight(cfg.loss, hp) if cfg.label_smoothing else 0.0  # refused early
     train = load_dataset(
         cfg.dataset,
         root=cfg.data_root,
@@ -156,7 +157,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
     elif cfg.loss == "mrkd":
         loss_fn = _fallback_ce(loss_fn)
     if cfg.label_smoothing:
-        loss_fn = with_label_smoothing(loss_fn, cfg.label_smoothing, ce_weight(cfg.loss, hp))
+        loss_fn = with_label_smoothing(loss_fn, cfg.label_smoothing, ls_weight)
     return Run(model, info, modality, train, test, policy, teacher, live, mrkd, loss_fn, reg_fn)
 
 
