@@ -140,7 +140,10 @@ def main(verbose: bool) -> None:
 @click.option("--text-column", default=None, help="hfds: text column (default: auto-detect).")
 @click.option("--label-column", default=None, help="hfds: label column (default: auto-detect).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
-@click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
+@click.option(
+    "--amp/--no-amp", default=True, help="bf16 autocast of the teacher on CUDA (ignored on CPU)."
+)
+@click.option("--compile", is_flag=True, help="torch.compile the teacher.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache with another spec.")
 @click.option("--break-lock", is_flag=True, help="Break a stale writer lock.")
 @click.option("--max-samples", default=None, type=int, help="Use only the first N samples.")
@@ -219,7 +222,10 @@ def precompute(**kw) -> None:
 )
 @click.option("--image-size", default=None, type=int, help="View output size (rrc-flip).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
-@click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
+@click.option(
+    "--amp/--no-amp", default=True, help="bf16 autocast of student (and teacher) on CUDA."
+)
+@click.option("--compile", is_flag=True, help="torch.compile the student.")
 @click.option(
     "--workers",
     default=0,
@@ -236,11 +242,34 @@ def precompute(**kw) -> None:
 @click.option("--max-samples", default=None, type=int, help="Use only the first N samples.")
 @click.option("--max-steps", default=None, type=int, help="Stop after N optimizer steps.")
 @click.option("--plots/--no-plots", default=True, help="Write PNG plots of the metrics.")
+@click.option(
+    "--log-every",
+    default=0,
+    type=int,
+    help="Optimizer steps between rows of OUT/steps.jsonl (0: once per epoch).",
+)
+@click.option("--eval-every", default=1, type=int, help="Evaluate every N epochs (and the last).")
+@click.option("--tensorboard", is_flag=True, help="TensorBoard scalars under OUT/tb.")
+@click.option("--teacher", default=None, help="Online teacher model (in memory), e.g. resnet34.")
+@click.option("--teacher-weights", default=None, help="Weights of the --teacher.")
+@click.option(
+    "--fill-missing",
+    is_flag=True,
+    help="Compute the chunks --cache lacks with --teacher, write them back, then train.",
+)
+@click.option(
+    "--warmup-epochs", default=0.0, type=float, help="Linear lr warmup (per step) over N epochs."
+)
+@click.option("--label-smoothing", default=0.0, type=float, help="Smoothing of the CE term.")
+@click.option("--clip-grad", default=None, type=float, help="Clip the gradient norm to this.")
+@click.option("--ema", is_flag=True, help="Keep a weight EMA of the student; report its acc.")
+@click.option("--ema-decay", default=0.9998, type=float, help="EMA decay (with warmup).")
+@click.option("--accum-steps", default=1, type=int, help="Micro-batches per optimizer step.")
 @STORAGE_OPTIONS
 def distill(**kw) -> None:
     """Stage 2: train a student from cached teacher logits (or plain CE without a cache)."""
     from distill.config import DistillConfig
-    from distill.train import run
+    from distill.train import run, summary_line
 
     hp = _hparams(kw.pop("hparam"))
     for name, key in (("temperature", "T"), ("alpha", "alpha")):
@@ -257,12 +286,8 @@ def distill(**kw) -> None:
         ) from None
     kw["storage_options"] = _storage_options(kw["storage_options"])
     rec = run(DistillConfig(**kw))
-    if rec:
-        acc = rec.get("test_acc", rec.get("train_acc"))
-        click.echo(
-            f"done: epoch {rec['epoch']}  loss {rec['loss']:.4f}  acc {acc:.4f}  "
-            f"{rec['samples_per_s']:.0f} samples/s  -> {kw['out']}"
-        )
+    if rec:  # only rank 0 returns a record under torchrun
+        click.echo(summary_line(rec, kw["out"]))
 
 
 @main.command(context_settings=CONTEXT)

@@ -26,3 +26,17 @@ def write_cifar100(root: Path, n: int, seed: int = 0) -> None:
     meta = {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": []}
     with open(folder / "meta", "wb") as f:
         pickle.dump(meta, f, protocol=4)
+
+
+def write_jpegs(root: Path, n: int, size: int = 256, classes: int = 100, seed: int = 0) -> None:
+    """n synthetic JPEGs in imagefolder layout (root/train/<class>/<i>.jpg): smooth random
+    colour fields (8x8 noise upsampled), ~10-20 KB each like downsized photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / "train" / f"c{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+        img.save(folder / f"{i:06d}.jpg", quality=90)

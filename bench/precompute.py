@@ -71,7 +71,10 @@ def premade_chunks(cfg: PrecomputeConfig, device: torch.device, max_views: int):
     for start in range(0, setup.spec.n, cfg.chunk_samples):
         stop = min(start + cfg.chunk_samples, setup.spec.n)
         batches = prun.prepare_chunk(setup, start, stop, bs)[1]
-        chunks.append([prun.to_device(b, device) for b in batches])
+        on_dev = [prun.to_device(b, device) for b in batches]
+        if device.type == "cuda":  # as stage 1 feeds them (channels_last, like the model)
+            on_dev = [b.contiguous(memory_format=torch.channels_last) for b in on_dev]  # images
+        chunks.append(on_dev)
         views += sum(len(b) for b in batches)
         if views >= max_views:
             break
@@ -87,7 +90,8 @@ def bare_forward(model, chunks, device: torch.device, amp: bool) -> list[tuple[i
             t0 = time.perf_counter()
             logits = []
             for b in batches:
-                with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                cuda = device.type == "cuda"
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and cuda):
                     logits.append(prun.forward(model, b).float())
             torch.cat(logits).cpu()
             out.append((sum(len(b) for b in batches), time.perf_counter() - t0))

@@ -186,15 +186,15 @@ class CropFlip(ViewPolicyBase):
         """One padded tensor + a flat gather (no per-image loop); uint8 in, uint8 out."""
         b, c, h, w = raw_batch.shape
         pad = self.params["pad"]
-        params = torch.as_tensor(params).reshape(b, 3)
+        params = torch.as_tensor(params).reshape(b, 3).to(raw_batch.device)
         hp, wp = h + 2 * pad, w + 2 * pad
         padded = F.pad(raw_batch, (pad, pad, pad, pad)).reshape(b, c, hp * wp)
         dx = params[:, 0].long().clamp_(0, 2 * pad)
         dy = params[:, 1].long().clamp_(0, 2 * pad)
         flip = params[:, 2] > 0.5
-        xs = torch.arange(w)
+        xs = torch.arange(w, device=raw_batch.device)
         cols = torch.where(flip[:, None], w - 1 - xs, xs) + dx[:, None]  # (B, W)
-        rows = torch.arange(h)[None, :] + dy[:, None]  # (B, H)
+        rows = torch.arange(h, device=raw_batch.device)[None, :] + dy[:, None]  # (B, H)
         idx = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
         return torch.gather(padded, 2, idx).reshape(b, c, h, w)
 

@@ -30,7 +30,7 @@ class DistillConfig:
     schedule: str = "step"
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1
-    warmup_epochs: int = 0
+    warmup_epochs: float = 0.0
     augment: str = "crop-flip"
     views: str = "one"
     teacher_view: str = "same"
@@ -39,7 +39,8 @@ class DistillConfig:
     image_size: int | None = None
     max_length: int = 128
     device: str = "auto"
-    amp: bool = False
+    amp: bool = True  # bf16 autocast, CUDA only
+    compile: bool = False
     workers: int = 0
     seed: int = 0
     out: str = "runs/distill"
@@ -51,6 +52,17 @@ class DistillConfig:
     label_column: str | None = None
     max_steps: int | None = None
     plots: bool = True
+    log_every: int = 0  # optimizer steps between in-epoch log rows (0: once per epoch)
+    eval_every: int = 1
+    tensorboard: bool = False
+    teacher: str | None = None  # online teacher (in memory)
+    teacher_weights: str | None = None
+    fill_missing: bool = False  # compute the chunks a --cache lacks with --teacher
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None
+    ema: bool = False
+    ema_decay: float = 0.9998
+    accum_steps: int = 1
     storage_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -6,18 +6,23 @@ rank takes every world_size-th row of a global batch, so DDP sees the same sampl
 
 from __future__ import annotations
 
-import queue
-import threading
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cache.errors import KdcacheError
 from data.loader import ReplayLoader, ViewMaker, batched_views, use_batched
-from models.runtime import forward, to_device
+from distill.feed import pin_batch, prefetch, prefetch_depth, to_input
+from distill.recipe import DeviceSums, Recipe, warmup_factor
+from models.runtime import forward
+
+__all__ = ["BatchMaker", "epoch_batches", "evaluate_model", "plan_epoch", "prefetch_depth"]
+__all__ += ["train_epoch"]
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
@@ -163,49 +168,15 @@ class BatchMaker:
             yield b
 
 
-def prefetch_depth(device: torch.device, workers: int = 0) -> int:
-    """Batches made ahead in a background thread (0: made in the training thread).
-
-    On CPU with `workers` 0 a batch is made in the training thread: the step already keeps
-    every intra-op thread busy, and torch ops (view replay) in a second thread start a second
-    OpenMP team, after which libgomp throttles its spin-waits (more managed threads than
-    cores) and every step runs ~10-20% slower, while making a batch of 64 costs ~1-2 ms.
-    On a GPU, or with `workers` > 0 (e.g. for a cache read chunk by chunk from remote
-    storage), batches are made ahead.
-    """
-    if device.type == "cpu" and workers <= 0:
-        return 0
-    return max(2, workers)
-
-
-def prefetch(it, depth: int):
-    """Run a batch iterator in a background thread so view replay overlaps training."""
-    if depth <= 0:
-        yield from it
-        return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def work():
-        try:
-            for item in it:
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def epoch_batches(
-    make: BatchMaker, n: int, batch_size: int, seed: int, epoch: int, views: str, depth: int
+    make: BatchMaker,
+    n: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    views: str,
+    depth: int,
+    pin: bool = False,
 ):
     """All batches of one epoch, from the RAM plan or the chunk-aware cache iterator. In
     chunk-aware mode each torchrun rank reads only its share of the chunks."""
@@ -242,7 +213,10 @@ def epoch_batches(
         )
     if not make.batched:
         return make.stream(plans)
-    return prefetch((_made(make, b) for b in plans), depth)
+    it = (_made(make, b) for b in plans)
+    if pin and depth > 0:
+        it = (pin_batch(b) for b in it)
+    return prefetch(it, depth)
 
 
 def _made(make: BatchMaker, b: dict) -> dict:
@@ -265,62 +239,133 @@ def train_epoch(
     max_steps: int | None = None,
     step: int = 0,
     history: list | None = None,
+    recipe: Recipe | None = None,
+    channels_last: bool = False,
+    log_every: int = 0,
+    on_log=None,
+    progress=None,
 ) -> tuple[dict, int]:
     """Train over `batches`; returns summed metrics (divide by 'n') and the new step count.
 
-    `history`, when given, receives every step's loss terms (used by tests and benches).
+    Metrics accumulate on the device (`DeviceSums`): the host waits for the device once at
+    the end of the epoch and once per `log_every` optimizer steps, where `on_log(step, sums)`
+    gets the epoch's running sums. `progress(batches, samples, sums | None)` is called every
+    step with host-side counts only (sums at log points). `history`, when given, receives
+    every step's loss terms (a sync per step: tests and benches only).
     """
+    rc = recipe or Recipe()
     model.train()
-    sums: dict = defaultdict(float)
+    acc = DeviceSums(device)
+    n_seen, n_teacher, micro = 0, 0, 0
     t0 = time.perf_counter()
     use_amp = amp and device.type == "cuda"
-    for b in batches:
+    accum = max(1, rc.accum_steps)
+    it = iter(batches)
+    nxt = next(it, None)
+    while nxt is not None:
         if max_steps is not None and step >= max_steps:
             break
-        x = to_device(b["views"], device)
+        b, nxt = nxt, next(it, None)
+        x = to_input(b["views"], device, channels_last)
         y = b["labels"].to(device, non_blocking=True)
         t = b["teacher"]
         if teacher is not None and teacher.needs_views:
             t = teacher.logits(b["samples"], b["augs"], x)
         t = None if t is None else t.to(device, non_blocking=True).float()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            s = forward(ddp_model, x)
-        out = loss_fn(s.float(), t, y)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-        step += 1
+        micro += 1
+        boundary = micro % accum == 0 or nxt is None
+        sync_ctx = (
+            ddp_model.no_sync()
+            if not boundary and hasattr(ddp_model, "no_sync")
+            else contextlib.nullcontext()
+        )
+        with sync_ctx:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                s = forward(ddp_model, x)
+            s = s.float()
+            out = loss_fn(s, t, y)
+            (out["loss"] / accum if accum > 1 else out["loss"]).backward()
+        if boundary:
+            step = _optimizer_step(model, optimizer, rc, step)
+            if on_step is not None:
+                on_step(step)
         if history is not None:
             history.append({k: float(v.detach()) for k, v in out.items()})
-        if on_step is not None:
-            on_step(step)
         n = len(y)
-        sums["n"] += n
-        for k, v in out.items():
-            sums[k] += float(v.detach()) * n
-        sums["correct"] += float((s.detach().argmax(1) == y).sum())
+        n_seen += n
+        vals = {k: v.detach() * n for k, v in out.items()}
+        s = s.detach()
+        vals["correct"] = (s.argmax(1) == y).sum()
         if t is not None:
-            sums["teacher_correct"] += float((t.argmax(1) == y).sum())
-            sums["n_teacher"] += n
+            n_teacher += n
+            vals["teacher_correct"] = (t.argmax(1) == y).sum()
             if reg_fn is not None:
-                r = reg_fn(s.detach().float(), t, y)
-                sums["reg_count"] += float(r["count"])
-    sums["seconds"] = time.perf_counter() - t0
-    return dict(sums), step
+                vals["reg_count"] = reg_fn(s, t, y)
+        acc.add(vals)
+        logged = None
+        if log_every > 0 and boundary and step % log_every == 0 and on_log is not None:
+            logged = _sums(acc, n_seen, n_teacher, t0)
+            on_log(step, logged)
+        if progress is not None:
+            progress(micro, n_seen, logged)
+    return _sums(acc, n_seen, n_teacher, t0), step
+
+
+def _sums(acc: DeviceSums, n: int, n_teacher: int, t0: float) -> dict:
+    out: dict = defaultdict(float, acc.pull())  # the host sync
+    out["n"] = float(n)
+    if n_teacher:
+        out["n_teacher"] = float(n_teacher)
+    out["seconds"] = time.perf_counter() - t0
+    return dict(out)
+
+
+def _optimizer_step(model, optimizer, rc: Recipe, step: int) -> int:
+    """Clip, warm up the lr, step, zero the gradients, update the EMA: no host sync."""
+    if rc.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), rc.clip_grad)
+    base = None
+    if step < rc.warmup_steps:
+        f = warmup_factor(step, rc.warmup_steps)
+        base = [g["lr"] for g in optimizer.param_groups]
+        for g, lr in zip(optimizer.param_groups, base, strict=True):
+            g["lr"] = lr * f
+    optimizer.step()
+    if base is not None:  # the scheduler owns the lr; warmup only scales this step's
+        for g, lr in zip(optimizer.param_groups, base, strict=True):
+            g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    if rc.ema is not None:
+        rc.ema.update(model)
+    return step + 1
 
 
 @torch.no_grad()
 def evaluate_model(
-    model, dataset, policy, device, batch_size: int = 256, rank: int = 0, world_size: int = 1,
+    model,
+    dataset,
+    policy,
+    device,
+    batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
     workers: int = 0,
-) -> dict:  # fmt: skip
-    """Top-1 accuracy and CE on the eval (identity) view of every sample of `dataset`."""
-    model.eval()
+    *,
+    ema=None,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> dict:
+    """Top-1 accuracy and CE on the eval (identity) view of every sample of `dataset` (and of
+    the `ema` model on the same views). Sums stay on the device; one host sync at the end."""
+    models = {"": model} if ema is None else {"": model, "ema_": ema}
+    for m in models.values():
+        m.eval()
     n = len(dataset)
     idx = np.arange(rank, n, world_size, dtype=np.int64)
-    correct, loss = 0.0, 0.0
+    acc = DeviceSums(device)
     ident = np.asarray(policy.identity_params(), dtype=np.float32)
     labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
+    use_amp = amp and device.type == "cuda"
     make = BatchMaker(dataset, policy, workers=workers)
     plans = (
         {"samples": s, "params": np.broadcast_to(ident, (len(s), len(ident))), "epoch": 0}
@@ -329,9 +374,17 @@ def evaluate_model(
     made = (_made(make, b) for b in plans) if make.batched else make.stream(plans)
     for b in made:
         s = b["samples"]
-        x = to_device(b["views"], device)
-        y = labels[torch.from_numpy(s)].to(device)
-        out = forward(model, x).float()
-        correct += float((out.argmax(1) == y).sum())
-        loss += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
-    return {"correct": correct, "loss_sum": loss, "n": float(len(idx))}
+        x = to_input(b["views"], device, channels_last)
+        y = labels[torch.from_numpy(s)].to(device, non_blocking=True)
+        vals = {}
+        for prefix, m in models.items():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = forward(m, x)
+            out = out.float()
+            vals[prefix + "correct"] = (out.argmax(1) == y).sum()
+            vals[prefix + "loss_sum"] = F.cross_entropy(out, y, reduction="sum")
+        acc.add(vals)
+    res = {k: 0.0 for p in models for k in (p + "correct", p + "loss_sum")}
+    res.update(acc.pull())
+    res["n"] = float(len(idx))
+    return res

@@ -70,7 +70,7 @@ def _policy(cfg: DistillConfig, cache, info: dict, dataset, tok=None):
 def build_run(cfg: DistillConfig, rt) -> Run:
     """Everything is validated here, before a single step or file write."""
     from data.datasets import load_dataset
-    from distill.losses import regularization_samples
+    from distill.recipe import ce_weight, reg_count, with_label_smoothing
     from distill.teachers import CachedTeacher, MrKDTeacher, open_caches
     from models.factory import create_model
 
@@ -86,8 +86,12 @@ def build_run(cfg: DistillConfig, rt) -> Run:
 
     views_per_sample(cfg.views)  # validated before anything runs
     loss_fn, needs_teacher, hp = _loss(cfg)
-    if needs_teacher and not cfg.caches and cfg.loss != "mrkd":
-        raise KdcacheError(f"--loss {cfg.loss} needs teacher logits: give --cache PATH")
+    if needs_teacher and not cfg.caches and cfg.loss != "mrkd" and not cfg.teacher:
+        raise KdcacheError(
+            f"--loss {cfg.loss} needs teacher logits: give --cache PATH or --teacher NAME"
+        )
+    _check_teacher_options(cfg)
+    ls_weight = ce_weight(cfg.loss, hp) if cfg.label_smoothing else 0.0  # refused early
     columns = {
         "image_column": cfg.image_column,
         "text_column": cfg.text_column,
@@ -126,7 +130,21 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             f"student {cfg.student!r} takes {modality} but dataset "
             f"{cfg.dataset!r} is {train.modality}"
         )
-    teacher = None
+    teacher = online = None
+    if cfg.teacher:
+        from distill.teachers import OnlineTeacher
+
+        online = OnlineTeacher.create(
+            cfg.teacher, cfg.teacher_weights, num_classes, rt.device, cfg.amp, cfg.compile
+        )
+    if cfg.fill_missing:
+        from distill.fill import fill_missing_rank0
+
+        fill_missing_rank0(rt, cfg.caches[0], cfg.storage_options, train, num_classes, online, 256)
+        online = None  # the cache is complete now: train from it
+    elif online is not None and not needs_teacher:
+        log.warning("--loss %s uses no teacher logits; --teacher is not run", cfg.loss)
+        online = None
     if cfg.caches:
         caches = open_caches(cfg.caches, train, num_classes, cfg.storage_options)
         teacher = CachedTeacher(
@@ -145,7 +163,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             if ds is not None:
                 tok = _tokenize(ds, tok_info)
     policy = _policy(cfg, cache0, info, train, tok)
-    mrkd = live = None
+    mrkd, live = None, online
     if cfg.loss == "mrkd":
         steps = max(1, len(train) // cfg.batch_size)
         mrkd = live = MrKDTeacher(int(hp.get("M", 2)), int(hp.get("interval") or steps))
@@ -156,12 +174,29 @@ def build_run(cfg: DistillConfig, rt) -> Run:
         log.info("--loss %s uses no teacher logits; the cache provides the views", cfg.loss)
     reg_fn = None
     if needs_teacher:
-        reg_fn = functools.partial(regularization_samples, T=float(hp.get("T", 1.0)))
+        reg_fn = functools.partial(reg_count, T=float(hp.get("T", 1.0)))
     if not needs_teacher:
         loss_fn = _ignore_teacher(loss_fn)
     elif cfg.loss == "mrkd":
         loss_fn = _fallback_ce(loss_fn)
+    if cfg.label_smoothing:
+        loss_fn = with_label_smoothing(loss_fn, cfg.label_smoothing, ls_weight)
     return Run(model, info, modality, train, test, policy, teacher, live, mrkd, loss_fn, reg_fn)
+
+
+def _check_teacher_options(cfg: DistillConfig) -> None:
+    """--teacher alone: online KD; with --cache only together with --fill-missing."""
+    if cfg.teacher_weights and not cfg.teacher:
+        raise KdcacheError("--teacher-weights needs --teacher NAME")
+    if cfg.fill_missing and not (cfg.teacher and len(cfg.caches) == 1):
+        raise KdcacheError("--fill-missing needs one --cache PATH and the --teacher that made it")
+    if cfg.teacher and cfg.caches and not cfg.fill_missing:
+        raise KdcacheError(
+            "--teacher with --cache: add --fill-missing to complete the cache with that teacher, "
+            "or drop one of them (cached or online KD)"
+        )
+    if cfg.teacher and cfg.loss == "mrkd":
+        raise KdcacheError("--loss mrkd distills from the student's own history; drop --teacher")
 
 
 def _ignore_teacher(fn):

@@ -135,18 +135,63 @@ class CachedTeacher:
 
 
 class OnlineTeacher:
-    """A teacher model run on the replayed views (online KD, and the proof test)."""
+    """A teacher model run on the replayed views (online KD, --fill-missing, the proof test).
+
+    On CUDA it runs under the same bf16 autocast as the student (`amp`) on channels_last
+    inputs; its logits are returned as float32."""
 
     needs_views = True
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self.model = model.to(device).eval()
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, amp: bool = False, compile: bool = False
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.amp = amp and self.device.type == "cuda"
+        self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.run = torch.compile(self.model) if compile else self.model
+        self.info: dict = {}
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        weights: str | None,
+        num_classes: int,
+        device: torch.device,
+        amp: bool = False,
+        compile: bool = False,
+    ) -> OnlineTeacher:
+        """`distill --teacher NAME [--teacher-weights P]`: built by the shared model factory."""
+        from models.factory import create_model
+
+        model, info = create_model(name, num_classes=num_classes, weights=weights)
+        if info.get("modality", "image") != "image":
+            raise KdcacheError(
+                f"--teacher {name!r} is a {info.get('modality')} model; online teachers run on "
+                "image views (precompute a cache for text teachers)"
+            )
+        t = cls(model, device, amp=amp, compile=compile)
+        t.info = info
+        return t
 
     @torch.no_grad()
     def logits(self, samples, augs, views) -> torch.Tensor:
         from models.runtime import forward
 
-        return forward(self.model, views).float()
+        if isinstance(views, torch.Tensor) and views.dim() == 4:
+            if views.dtype == torch.uint8:
+                views = views.to(torch.float32).div_(255.0)
+            views = views.to(self.device, non_blocking=True)
+            if self.channels_last:
+                views = views.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = forward(self.run, views)
+        return out.float()
 
 
 class MrKDTeacher:

@@ -16,9 +16,19 @@ from tqdm import tqdm
 
 from distill.checkpoint import commit_epoch, prepare_out
 from distill.config import DistillConfig
-from distill.loop import BatchMaker, epoch_batches, evaluate_model, prefetch_depth, train_epoch
+from distill.loop import (
+    BatchMaker,
+    epoch_batches,
+    evaluate_model,
+    prefetch_depth,
+    train_epoch,
+    views_per_sample,
+)
 from distill.metrics import MetricsLog
+from distill.progress import EpochBar, check_options, place_on_device
+from distill.recipe import ModelEma, Recipe, steps_per_epoch, warmup_factor
 from distill.setup import build_run, make_optimizer, make_scheduler
+from distill.steplog import StepLog
 from models.runtime import Runtime, barrier, init_runtime, shutdown
 
 log = logging.getLogger(__name__)
@@ -44,41 +54,69 @@ def run(cfg: DistillConfig) -> dict:
 
 
 def _run(cfg: DistillConfig, rt: Runtime) -> dict:
+    check_options(cfg)
     torch.manual_seed(cfg.seed)
     r = build_run(cfg, rt)
     out = Path(cfg.out)
     cache_keys = [c.key for c in getattr(r.teacher, "caches", [])]
     ck = prepare_out(cfg, rt.is_main, cache_keys)  # refuses to clobber; resumes what matches
+    cuda = rt.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
     model = r.model.to(rt.device)
-    if rt.device.type == "cuda" and r.modality == "image":
+    channels_last = cuda and r.modality == "image"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+        place_on_device(r, rt.device)
     ddp = model
     if rt.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
         )
+    if cfg.compile:
+        ddp = torch.compile(ddp)
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt)
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
     metrics = MetricsLog(out, enabled=rt.is_main)
-    start_epoch, step, best, best_epoch = 0, 0, -1.0, None
+    steplog = StepLog(out, enabled=rt.is_main, tensorboard=cfg.tensorboard)
+    start_epoch, step, best, best_epoch = 0, 0, -1.0, -1
     if ck is not None:
-        best_epoch = ck.get("best_epoch")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start_epoch, step, best = ck["epoch"] + 1, ck["step"], ck["best_acc"]
+        best_epoch = -1 if ck.get("best_epoch") is None else ck["best_epoch"]
         if r.mrkd is not None:
             r.mrkd.load_state(model, ck.get("mrkd", []))
+        if ema is not None:  # from the resumed weights when the checkpoint has no EMA yet
+            ema = ModelEma(model, cfg.ema_decay)
+            if "ema" in ck:
+                ema.load_state_dict(ck["ema"])
         metrics.truncate(start_epoch)
+        steplog.truncate(step)
         log.info("resumed %s at epoch %d (step %d)", out, start_epoch, step)
     on_step = None
     if r.mrkd is not None:
         on_step = lambda s: r.mrkd.maybe_snapshot(model, s)  # noqa: E731
     make = BatchMaker(
         r.train, r.policy, r.teacher, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size,
-        workers=cfg.workers, pin=rt.device.type == "cuda",
+        workers=cfg.workers, pin=cuda,
     )  # fmt: skip
+    k = views_per_sample(cfg.views)  # 0: all cached views
+    items = len(r.train) * (r.teacher.num_augs if k == 0 and r.teacher else max(k, 1))
+    micro = steps_per_epoch(items, cfg.batch_size, rt.world_size)
+    opt_steps = steps_per_epoch(items, cfg.batch_size, rt.world_size, cfg.accum_steps)
+    recipe = Recipe(cfg.accum_steps, cfg.clip_grad, round(cfg.warmup_epochs * opt_steps), ema)
+
+    def batches_for(epoch: int):
+        depth = prefetch_depth(rt.device, cfg.workers)
+        return epoch_batches(
+            make, len(r.train), cfg.batch_size, cfg.seed, epoch, cfg.views, depth, pin=cuda
+        )
+
     record: dict = {}
+    nxt = batches_for(start_epoch) if start_epoch < cfg.epochs else None
     bar = tqdm(
         range(start_epoch, cfg.epochs),
         desc="distill",
@@ -87,19 +125,20 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         dynamic_ncols=True,
     )
     for epoch in bar:
-        batches = epoch_batches(
-            make,
-            len(r.train),
-            cfg.batch_size,
-            cfg.seed,
+        lr = sched.get_last_lr()[0]
+        inner = EpochBar(
+            rt.is_main,
+            steplog,
             epoch,
-            cfg.views,
-            depth=prefetch_depth(rt.device, cfg.workers),
+            cfg.epochs,
+            micro,
+            lambda s: opt.param_groups[0]["lr"] * warmup_factor(s - 1, recipe.warmup_steps),
+            lambda d: _reduce(rt, d),
         )
         sums, step = train_epoch(
             model,
             ddp,
-            batches,
+            nxt,
             r.loss_fn,
             opt,
             rt.device,
@@ -109,11 +148,22 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
             on_step=on_step,
             max_steps=cfg.max_steps,
             step=step,
+            recipe=recipe,
+            channels_last=channels_last,
+            log_every=cfg.log_every,
+            on_log=inner.log,
+            progress=inner.progress,
         )
+        inner.close()
+        stop = cfg.max_steps is not None and step >= cfg.max_steps
+        last = stop or epoch + 1 == cfg.epochs
+        # the next epoch's batches are made (prefetch thread) while this one is evaluated
+        nxt = batches_for(epoch + 1) if not last else None
         seconds = sums.pop("seconds")
         sums = _reduce(rt, sums)
-        ev = (
-            _reduce(
+        ev = None
+        if r.test is not None and (last or (epoch + 1) % cfg.eval_every == 0):
+            ev = _reduce(
                 rt,
                 evaluate_model(
                     model,
@@ -123,19 +173,20 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
                     rank=rt.rank,
                     world_size=rt.world_size,
                     workers=cfg.workers,
+                    ema=None if ema is None else ema.module,
+                    amp=cfg.amp,
+                    channels_last=channels_last,
                 ),
             )
-            if r.test is not None
-            else None
-        )
-        record = _record(epoch, sched.get_last_lr()[0], sums, ev, seconds, step)
+        record = _record(epoch, lr, sums, ev, seconds, step)
         sched.step()
-        acc = record.get("test_acc", record["train_acc"])
-        is_best = acc > best
-        best = max(best, acc)
-        record["best_acc"] = best
-        best_epoch = epoch if is_best else best_epoch
+        acc = record.get("test_acc", record["train_acc"] if r.test is None else None)
+        is_best = acc is not None and acc > best
+        if is_best:
+            best, best_epoch = acc, epoch
+        record["best_acc"], record["best_epoch"] = best, best_epoch
         if rt.is_main:
+            steplog.scalars("epoch", record, step)
             state = {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -151,14 +202,38 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
             }
             if r.mrkd is not None:
                 state["mrkd"] = r.mrkd.state()
+            if ema is not None:
+                state["ema"] = ema.state_dict()
             commit_epoch(out, metrics, record, state, is_best)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{acc:.3f}")
+            shown = record.get("test_acc", record["train_acc"])
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{shown:.3f}")
         barrier(rt)
-        if cfg.max_steps is not None and step >= cfg.max_steps:
+        if stop:
             break
-    if rt.is_main:
-        metrics.finish(plots=cfg.plots)
+    steplog.close()
+    if not rt.is_main:
+        return {}  # only rank 0 reports (and prints) the summary
+    metrics.finish(plots=cfg.plots)
+    if record:
+        record["best_path"] = str(out / "best.pt") if best_epoch >= 0 else None
     return record
+
+
+def summary_line(rec: dict, out: str) -> str:
+    """The run's final line: last and best accuracy and where best.pt is."""
+    kind = "test" if "test_acc" in rec else "train"
+    parts = [
+        f"done: epoch {rec['epoch']}",
+        f"loss {rec['loss']:.4f}",
+        f"last {kind} acc {rec.get('test_acc', rec['train_acc']):.4f}",
+    ]
+    if rec.get("best_epoch", -1) >= 0:
+        parts.append(f"best {rec['best_acc']:.4f} (epoch {rec['best_epoch']})")
+    if "ema_test_acc" in rec:
+        parts.append(f"ema acc {rec['ema_test_acc']:.4f}")
+    parts.append(f"{rec['samples_per_s']:.0f} samples/s")
+    parts.append(f"best.pt: {rec['best_path']}" if rec.get("best_path") else f"run: {out}")
+    return "  ".join(parts)
 
 
 def _record(epoch, lr, sums, ev, seconds, step) -> dict:
@@ -174,6 +249,9 @@ def _record(epoch, lr, sums, ev, seconds, step) -> dict:
     if ev is not None:
         rec["test_acc"] = ev["correct"] / max(ev["n"], 1.0)
         rec["test_loss"] = ev["loss_sum"] / max(ev["n"], 1.0)
+        if "ema_correct" in ev:
+            rec["ema_test_acc"] = ev["ema_correct"] / max(ev["n"], 1.0)
+            rec["ema_test_loss"] = ev["ema_loss_sum"] / max(ev["n"], 1.0)
     rec["samples"] = int(sums.get("n", 0))
     rec["epoch_seconds"] = seconds
     rec["samples_per_s"] = sums.get("n", 0.0) / max(seconds, 1e-9)

@@ -33,7 +33,8 @@ class PrecomputeConfig:
     batch_size: int = 256
     workers: int = 0
     device: str = "auto"
-    amp: bool = False
+    amp: bool = True  # bf16 autocast, CUDA only
+    compile: bool = False
     overwrite: bool = False
     break_lock: bool = False
     max_samples: int | None = None

@@ -59,12 +59,20 @@ def _pinned(batch):
 
 def _teacher_logits(setup: Setup, batches, device: torch.device, amp: bool) -> np.ndarray:
     """A chunk's logits. On a GPU they stay there until the chunk is done, so its forwards
-    queue back to back (one host sync per chunk, not one per batch)."""
+    queue back to back (one host sync per chunk, not one per batch). AMP is bf16 autocast,
+    the one AMP dtype of both stages; uint8 image batches are scaled to [0, 1] on the device
+    and fed channels_last like the model."""
     outs = []
+    cuda = device.type == "cuda"
     with torch.inference_mode():
         for b in batches:
             b = to_device(b, device)
-            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            if isinstance(b, torch.Tensor) and b.dim() == 4:
+                if b.dtype == torch.uint8:
+                    b = b.to(torch.float32).div_(255.0)
+                if cuda:
+                    b = b.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and cuda):
                 outs.append(forward(setup.model, b).float())
         return torch.cat(outs).cpu().numpy()
 
@@ -150,8 +158,12 @@ def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer
     n_todo = sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in todo)
     log.info("rank %d: %d chunks to compute (%d samples)", rt.rank, len(todo), n_todo)
     setup.model.to(rt.device).eval()
-    if rt.device.type == "cuda" and setup.modality == "image":
-        setup.model.to(memory_format=torch.channels_last)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if setup.modality == "image":
+            setup.model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # the teacher's forward only; chunk-local batches keep shapes fixed
+        setup.model = torch.compile(setup.model)
     with tqdm(
         total=n_todo * spec.num_augs,
         unit="view",
