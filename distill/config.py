@@ -48,6 +48,8 @@ class DistillConfig:
     max_steps: int | None = None
     plots: bool = True
     storage_options: dict = field(default_factory=dict)
+    # every CLI option as resolved (file, flags, defaults); written to the run's config.yaml
+    cli_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (checkpoints carry their own config)."""

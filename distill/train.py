@@ -19,7 +19,7 @@ from distill.config import DistillConfig
 from distill.loop import BatchMaker, epoch_batches, evaluate_model, prefetch_depth, train_epoch
 from distill.metrics import MetricsLog
 from distill.setup import build_run, make_optimizer, make_scheduler
-from models.runtime import Runtime, barrier, init_runtime, shutdown
+from models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt)
     metrics = MetricsLog(out, enabled=rt.is_main)
+    if rt.is_main:  # after build_run validated everything: bad input writes nothing
+        write_run_config(out / "config.yaml", cfg.cli_options, "distill")
     start_epoch, step, best = 0, 0, -1.0
     if cfg.resume and (out / "last.pt").exists():
         ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
