@@ -173,7 +173,7 @@ def _load_imagefolder(name: str, root, split: str, download: bool, **kw) -> RawD
     """root/<split>/<class>/* if root/<split> exists, else root/<class>/*; keys relative to root."""
     if root is None:
         raise KdcacheError(
-            "imagefolder needs --root DIR (DIR/<class>/*.png or DIR/<split>/<class>/...)"
+            "imagefolder needs --data-root DIR (DIR/<class>/*.png or DIR/<split>/<class>/...)"
         )
     root_p = Path(root)
     base = root_p / split if (root_p / split).is_dir() else root_p
@@ -220,7 +220,9 @@ def _decode(path: Path, size: int, mode: str) -> np.ndarray:
 
 def _text_files(root, split: str) -> tuple[Path, list[Path]]:
     if root is None:
-        raise KdcacheError("text needs --root FILE.jsonl|FILE.csv or a DIR with <split>.jsonl|csv")
+        raise KdcacheError(
+            "text needs --data-root FILE.jsonl|FILE.csv or a DIR with <split>.jsonl|csv"
+        )
     p = Path(root)
     if p.is_file():
         return p, [p]

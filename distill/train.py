@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill.config import DistillConfig
+from distill.evaluate import load_checkpoint
 from distill.loop import BatchMaker, epoch_batches, evaluate_model, prefetch_depth, train_epoch
 from distill.metrics import MetricsLog
 from distill.setup import build_run, make_optimizer, make_scheduler
@@ -65,11 +66,9 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt)
     metrics = MetricsLog(out, enabled=rt.is_main)
-    if rt.is_main:  # after build_run validated everything: bad input writes nothing
-        write_run_config(out / "config.yaml", cfg.cli_options, "distill")
     start_epoch, step, best = 0, 0, -1.0
     if cfg.resume and (out / "last.pt").exists():
-        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        ck = load_checkpoint(out / "last.pt", "--resume")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -80,6 +79,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         log.info("resumed %s at epoch %d (step %d)", out, start_epoch, step)
     elif cfg.resume:
         log.warning("--resume: no %s/last.pt yet; starting from scratch", out)
+    if rt.is_main:  # after build_run and the checkpoint were validated: bad input writes nothing
+        write_run_config(out / "config.yaml", cfg.cli_options, "distill")
     on_step = None
     if r.mrkd is not None:
         on_step = lambda s: r.mrkd.maybe_snapshot(model, s)  # noqa: E731

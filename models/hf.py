@@ -51,6 +51,15 @@ def create_hf_model(
 
     if not path:
         raise KdcacheError("hf: needs a path or hub id, e.g. hf:bert-base-uncased or hf:./my_bert")
+    local = os.path.expanduser(path)
+    if path.startswith(("/", "./", "../", "~", ".\\")) or os.path.exists(local):
+        if not os.path.isdir(local):
+            what = "is not a directory" if os.path.exists(local) else "does not exist"
+            raise KdcacheError(
+                f"hf:{path}: the directory {local!r} {what}; expected a local directory saved "
+                "with save_pretrained (config.json, weights, tokenizer) or a hub id"
+            )
+        path = local
     config = _hub("config", path, lambda: AutoConfig.from_pretrained(path))
     archs = getattr(config, "architectures", None) or []
     has_head = any(a.endswith("ForSequenceClassification") for a in archs)
