@@ -19,6 +19,7 @@ from distill.config import DistillConfig
 from distill.evaluate import load_checkpoint
 from distill.loop import BatchMaker, epoch_batches, evaluate_model, prefetch_depth, train_epoch
 from distill.metrics import MetricsLog
+from distill.plots import run_title
 from distill.setup import build_run, make_optimizer, make_scheduler
 from models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
 
@@ -160,7 +161,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
     if rt.is_main:
-        metrics.finish(plots=cfg.plots)
+        teachers = [c.spec.teacher.get("name", "?") for c in r.teacher.caches] if r.teacher else []
+        metrics.finish(plots=cfg.plots, title=run_title(cfg, teachers))
     return record
 
 
