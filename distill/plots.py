@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 LOSS_TERMS = ("loss", "ce", "kd", "soft", "reg", "test_loss")
-LOG_RATIO = 20.0  # a log axis when the plotted values span more than this factor
+LOG_RATIO = 10.0  # a log axis when the plotted values span this factor (an order of magnitude)
 LABELS = {
     "loss": "total loss (train)",
     "ce": "CE term (train)",
@@ -84,7 +84,7 @@ def _draw(ax, records: list[dict], ylabel: str, keys: list[str], percent: bool) 
             best = max(range(len(ys)), key=lambda i: ys[i] if ys[i] == ys[i] else -1.0)
             label += f" (best {ys[best]:.2f}% at epoch {epochs[best]})"
         ax.plot(epochs, ys, ls, marker="o", ms=3, lw=1.6, label=label)
-    if not percent and values and min(values) > 0 and max(values) / min(values) > LOG_RATIO:
+    if not percent and values and min(values) > 0 and max(values) / min(values) > LOG_RATIO * 0.999:
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
