@@ -74,7 +74,7 @@ def create_model(
     Extra kw: ``model_kwargs`` (dict forwarded to the library builder), ``max_length`` (hf).
     """
     if pretrained and weights:
-        raise KdcacheError("give either pretrained=True or weights=PATH, not both")
+        raise KdcacheError("give either --pretrained or --weights PATH, not both")
     state = read_weights(weights) if weights else None
     if name.startswith("hf:"):
         from models.hf import create_hf_model

@@ -65,7 +65,7 @@ def create_hf_model(
     has_head = any(a.endswith("ForSequenceClassification") for a in archs)
     if has_head and num_classes is not None and num_classes != config.num_labels:
         raise KdcacheError(
-            f"num_classes={num_classes} but {path!r} has a {config.num_labels}-class classifier"
+            f"--num-classes {num_classes} but {path!r} has a {config.num_labels}-class classifier"
         )
     extra = {} if has_head or num_classes is None else {"num_labels": num_classes}
     net = _hub(
