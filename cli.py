@@ -75,6 +75,22 @@ def _run_dir(ctx, param, value: str) -> str:
     return value
 
 
+def _cache_out(ctx, param, value: str) -> str:
+    """precompute --out is a cache path or a root directory, never e.g. `teacher.pt`."""
+    local = "://" not in value or value.startswith("file://")
+    path = value.removeprefix("file://").rstrip("/")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in _FILE_SUFFIXES or (local and os.path.isfile(path) and suffix not in _STORES):
+        raise click.BadParameter(
+            f"{value!r} is not a cache path; expected PATH.zarr, PATH.h5/.hdf5 or a root "
+            "directory (caches are then named by content under it)"
+        )
+    return value
+
+
+_STORES = {".zarr", ".h5", ".hdf5"}
+
+
 def _version(ctx, param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -117,7 +133,10 @@ def main(verbose: bool) -> None:
 @click.option("--augment", default="crop-flip", help="identity, crop-flip, rrc-flip, token-mask.")
 @click.option("--identity-view/--no-identity-view", default=True, help="View 0 is the eval view.")
 @click.option("--seed", default=0, type=int, help="Base seed of the view parameters.")
-@click.option("--out", required=True, help="Cache path (.zarr/.h5) or a root directory.")
+@click.option(
+    "--out", required=True, callback=_cache_out,
+    help="Cache path (.zarr/.h5) or a root directory.",
+)  # fmt: skip
 @click.option(
     "--weights", default=None, callback=_weights_file,
     help="State dict or kdcache checkpoint of the teacher.",

@@ -111,7 +111,11 @@ def test_path_options_are_checked(tmp_path):
     for out in ("model.pt", tmp_path / "old.pt", "x/best.pth"):
         res = cli("distill", "--student", "resnet8", "--out", out, ok=False)
         _one_line_error(res, "'--out'", "expected the run directory")
+    for out in ("teacher.pt", tmp_path / "old.pt"):
+        res = cli("precompute", "--teacher", "resnet8", "--out", out, ok=False)
+        _one_line_error(res, "'--out'", "expected PATH.zarr, PATH.h5/.hdf5 or a root directory")
     assert not (tmp_path / "o.zarr").exists() and not (ROOT / "model.pt").exists()
+    assert not (ROOT / "teacher.pt").exists()
     res = cli("cache", "merge", tmp_path / "m.zarr", "a.zarr", "./a.zarr", ok=False)
     _one_line_error(res, "'./a.zarr' is given twice", "distinct")
     res = cli("cache", "merge", "a.zarr", "a.zarr", "b.zarr", ok=False)
