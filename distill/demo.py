@@ -134,10 +134,12 @@ def main() -> None:
     title = f"{a.student} students of {a.teacher} (digits, {a.student_epochs} epochs)"
     compare = compare_runs(students, out / "students.png", title)
     print(f"\ncache: {cache}")
-    print("\nrun folders (config.yaml, metrics.jsonl/csv, best.pt, last.pt) and their figures:")
+    print(
+        "\nfigures (each run folder also holds config.yaml, metrics.jsonl/csv, best.pt, last.pt):"
+    )
     for name, run_dir in runs.items():
-        print(f"  {name:<20} {rel(run_dir)}/   figure: {rel(run_dir / 'report.png')}")
-    print(f"  {'students compared':<20} figure: {rel(compare)}")
+        print(f"  {name:<20} {rel(run_dir / 'report.png')}")
+    print(f"  {'students compared':<20} {rel(compare)}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def _panels(records: list[dict]) -> list[tuple[str, str, list[str], bool]]:
     have = {k for r in records for k in r}
     acc = [k for k in ("train_acc", "test_acc", "teacher_train_acc") if k in have]
     acc += sorted(k for k in have if k.endswith("_acc") and k not in acc and k != "best_acc")
-    loss = [k for k in LOSS_TERMS if k in have]
+    total = [r.get("loss") for r in records]
+    # a term equal to the total (plain CE) would hide under it: show the total only
+    loss = [k for k in LOSS_TERMS if k in have and (k == "loss" or _col(records, k) != total)]
     loss += sorted(k for k in have if k.endswith("_loss") and k not in loss)
     panels = [
         ("loss", "loss (mean per sample)", loss, False),
@@ -67,6 +69,10 @@ def _panels(records: list[dict]) -> list[tuple[str, str, list[str], bool]]:
         ),
     ]
     return [p for p in panels if p[2]]
+
+
+def _col(records: list[dict], key: str) -> list:
+    return [r.get(key) for r in records]
 
 
 def _draw(ax, records: list[dict], ylabel: str, keys: list[str], percent: bool) -> None:
