@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import sys
 
 import click
 
-from cliconfig import Group, resolved_options
+from cliconfig import (
+    Group,
+    cache_out,
+    distinct_inputs,
+    resolved_options,
+    run_dir,
+    version,
+    weights_file,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -50,60 +57,6 @@ STORAGE_OPTIONS = click.option(
 )
 
 
-def _weights_file(ctx, param, value: str | None) -> str | None:
-    """--weights names a file: a directory or a missing path is refused before any work."""
-    if value and os.path.isdir(value):
-        raise click.BadParameter(
-            f"{value!r} is a directory; expected a weights file (a state dict or a kdcache "
-            "checkpoint: .pt, .pth, .safetensors)"
-        )
-    if value and not os.path.exists(value):
-        raise click.BadParameter(f"{value!r} does not exist; expected a weights file")
-    return value
-
-
-_FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl", ".yaml", ".json"}
-
-
-def _run_dir(ctx, param, value: str) -> str:
-    """distill --out is a directory; `--out model.pt` would silently become one."""
-    if os.path.isfile(value) or os.path.splitext(value.rstrip("/"))[1].lower() in _FILE_SUFFIXES:
-        raise click.BadParameter(
-            f"{value!r} is a file name; expected the run directory (it gets last.pt, best.pt, "
-            "metrics.jsonl, config.yaml)"
-        )
-    return value
-
-
-def _cache_out(ctx, param, value: str) -> str:
-    """precompute --out is a cache path or a root directory, never e.g. `teacher.pt`."""
-    local = "://" not in value or value.startswith("file://")
-    path = value.removeprefix("file://").rstrip("/")
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix in _FILE_SUFFIXES or (local and os.path.isfile(path) and suffix not in _STORES):
-        raise click.BadParameter(
-            f"{value!r} is not a cache path; expected PATH.zarr, PATH.h5/.hdf5 or a root "
-            "directory (caches are then named by content under it)"
-        )
-    return value
-
-
-_STORES = {".zarr", ".h5", ".hdf5"}
-
-
-def _version(ctx, param, value: bool) -> None:
-    if not value or ctx.resilient_parsing:
-        return
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("kdcache")
-    except PackageNotFoundError:
-        v = "unknown (not installed; run `pip install -e .`)"
-    click.echo(f"kdcache {v}")
-    ctx.exit()
-
-
 POS_INT = click.IntRange(min=1)
 NONNEG = click.FloatRange(min=0)
 
@@ -111,7 +64,7 @@ NONNEG = click.FloatRange(min=0)
 @click.group(cls=Group, context_settings=CONTEXT)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 @click.option(
-    "--version", is_flag=True, is_eager=True, expose_value=False, callback=_version,
+    "--version", is_flag=True, is_eager=True, expose_value=False, callback=version,
     help="Print the kdcache version and exit.",
 )  # fmt: skip
 def main(verbose: bool) -> None:
@@ -134,11 +87,11 @@ def main(verbose: bool) -> None:
 @click.option("--identity-view/--no-identity-view", default=True, help="View 0 is the eval view.")
 @click.option("--seed", default=0, type=int, help="Base seed of the view parameters.")
 @click.option(
-    "--out", required=True, callback=_cache_out,
+    "--out", required=True, callback=cache_out,
     help="Cache path (.zarr/.h5) or a root directory.",
 )  # fmt: skip
 @click.option(
-    "--weights", default=None, callback=_weights_file,
+    "--weights", default=None, callback=weights_file,
     help="State dict or kdcache checkpoint of the teacher.",
 )  # fmt: skip
 @click.option("--pretrained", is_flag=True, help="Load the library's pretrained weights (hub).")
@@ -206,7 +159,7 @@ def precompute(**kw) -> None:
 @click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
 @click.option("--num-classes", default=None, type=int, help="Classes (default: from data).")
 @click.option("--pretrained", is_flag=True, help="Start the student from hub weights.")
-@click.option("--weights", default=None, callback=_weights_file, help="Initial student weights.")
+@click.option("--weights", default=None, callback=weights_file, help="Initial student weights.")
 @click.option("--epochs", default=240, type=int, help="Epochs (CIFAR recipe: 240).")
 @click.option("--batch-size", default=64, type=int, help="Global batch size.")
 @click.option(
@@ -254,7 +207,7 @@ def precompute(**kw) -> None:
 @click.option("--amp", is_flag=True, help="Mixed precision on CUDA.")
 @click.option("--workers", default=0, type=int, help="Threads preparing batches ahead.")
 @click.option("--seed", default=0, type=int, help="Training seed.")
-@click.option("--out", default="runs/distill", callback=_run_dir, help="Run directory.")
+@click.option("--out", default="runs/distill", callback=run_dir, help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--max-samples", default=None, type=POS_INT, help="Use only the first N samples.")
 @click.option("--max-steps", default=None, type=POS_INT, help="Stop after N optimizer steps.")
@@ -293,7 +246,7 @@ CKPT = "the checkpoint's, else "
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--weights", required=True, callback=_weights_file, help="Checkpoint or state dict.")
+@click.option("--weights", required=True, callback=weights_file, help="Checkpoint or state dict.")
 @click.option(
     "--model", default=None, show_default=CKPT + "required",
     help="Model name (same factory as teachers).",
@@ -426,17 +379,7 @@ def merge(out, inputs, overwrite, break_lock, progress, storage_options) -> None
     views) into one multi-teacher store that `distill --cache OUT` ensembles."""
     from cache.merge import merge as do_merge
 
-    seen = {}
-    for x in inputs:
-        norm = x if "://" in x else os.path.normpath(os.path.abspath(x))
-        if norm in seen:
-            raise click.BadParameter(
-                f"{x!r} is given twice (also as {seen[norm]!r}); expected distinct caches",
-                param_hint="INPUTS",
-            )
-        seen[norm] = x
-    if (out if "://" in out else os.path.normpath(os.path.abspath(out))) in seen:
-        raise click.BadParameter(f"{out!r} is also an input; expected a new path", param_hint="OUT")
+    distinct_inputs(out, inputs)
 
     r = do_merge(
         out, inputs, storage_options=_storage_options(storage_options), overwrite=overwrite,

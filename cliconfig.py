@@ -1,4 +1,4 @@
-"""Config files and one-line errors for every kdcache command (the click plumbing of cli.py).
+"""Click plumbing of cli.py: config files, option validators and one-line errors.
 
 `--config FILE.yaml` is added to every command by `Command`: the file's keys are the command's
 option names (`data_root` or `data-root`, `cache`, `hparam`, `format`, ...), its values become
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -130,6 +131,79 @@ def resolved_options(ctx: click.Context) -> dict:
             v = json.dumps({k: x for k, x in opts.items() if not _SECRET.search(k)}) or None
         out[option_key(p)] = v
     return out
+
+
+# --- option validators: the form of a value is checked while parsing, before any work ---
+
+
+def weights_file(ctx, param, value: str | None) -> str | None:
+    """--weights names a file: a directory or a missing path is refused before any work."""
+    if value and os.path.isdir(value):
+        raise click.BadParameter(
+            f"{value!r} is a directory; expected a weights file (a state dict or a kdcache "
+            "checkpoint: .pt, .pth, .safetensors)"
+        )
+    if value and not os.path.exists(value):
+        raise click.BadParameter(f"{value!r} does not exist; expected a weights file")
+    return value
+
+
+_FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl", ".yaml", ".json"}
+
+
+def run_dir(ctx, param, value: str) -> str:
+    """distill --out is a directory; `--out model.pt` would silently become one."""
+    if os.path.isfile(value) or os.path.splitext(value.rstrip("/"))[1].lower() in _FILE_SUFFIXES:
+        raise click.BadParameter(
+            f"{value!r} is a file name; expected the run directory (it gets last.pt, best.pt, "
+            "metrics.jsonl, config.yaml)"
+        )
+    return value
+
+
+def cache_out(ctx, param, value: str) -> str:
+    """precompute --out is a cache path or a root directory, never e.g. `teacher.pt`."""
+    local = "://" not in value or value.startswith("file://")
+    path = value.removeprefix("file://").rstrip("/")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in _FILE_SUFFIXES or (local and os.path.isfile(path) and suffix not in _STORES):
+        raise click.BadParameter(
+            f"{value!r} is not a cache path; expected PATH.zarr, PATH.h5/.hdf5 or a root "
+            "directory (caches are then named by content under it)"
+        )
+    return value
+
+
+_STORES = {".zarr", ".h5", ".hdf5"}
+
+
+def version(ctx, param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        v = installed("kdcache")
+    except PackageNotFoundError:
+        v = "unknown (not installed; run `pip install -e .`)"
+    click.echo(f"kdcache {v}")
+    ctx.exit()
+
+
+def distinct_inputs(out: str, inputs: tuple[str, ...]) -> None:
+    """`cache merge OUT A A`: the same input twice (or OUT among them) is refused."""
+    seen = {}
+    for x in inputs:
+        norm = x if "://" in x else os.path.normpath(os.path.abspath(x))
+        if norm in seen:
+            raise click.BadParameter(
+                f"{x!r} is given twice (also as {seen[norm]!r}); expected distinct caches",
+                param_hint="INPUTS",
+            )
+        seen[norm] = x
+    if (out if "://" in out else os.path.normpath(os.path.abspath(out))) in seen:
+        raise click.BadParameter(f"{out!r} is also an input; expected a new path", param_hint="OUT")
 
 
 class Command(click.Command):

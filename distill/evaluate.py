@@ -173,9 +173,9 @@ def format_result(r: dict) -> str:
     )
     lines = [
         f"{r['model']} on {r['dataset']}/{r['split']}: {r['n']} samples{src}",
-        f"top-1  {r['top1']:.4f}",
-        f"top-5  {r['top5']:.4f}",
-        f"loss   {r['loss']:.4f}",
+        f"top-1 {r['top1']:.4f}",
+        f"top-5 {r['top5']:.4f}",
+        f"loss  {r['loss']:.4f}",
     ]
     if "per_class" in r:
         width = max([5] + [len(c["name"]) for c in r["per_class"]])

@@ -179,7 +179,7 @@ def test_evaluate_defaults_from_checkpoint_top5_json_per_class(tmp_path, make_im
     assert [(r["name"], r["n"]) for r in rows] == [("ant", 4), ("bee", 4), ("cat", 4)]
     assert sum(r["top1"] * r["n"] for r in rows) == pytest.approx(d["top1"] * 12)
     text = cli("evaluate", "--weights", run / "best.pt", "--split", "train", "--per-class").stdout
-    assert "top-1" in text and "top-5  1.0000" in text and "loss" in text and "\nbee " in text
+    assert "top-1" in text and "top-5 1.0000" in text and "loss" in text and "\nbee " in text
 
     res = cli("evaluate", "--weights", run / "best.pt", "--dataset", "digits", ok=False)
     _one_line_error(res, "3 classes", "digits/test", "--dataset")
