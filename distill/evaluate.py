@@ -54,7 +54,31 @@ def checkpoint_defaults(weights: str) -> dict:
     cfg = ck.get("config") if isinstance(ck, dict) else None
     if not isinstance(cfg, dict):
         return {}
-    return {arg: cfg.get(field) for field, arg in FROM_CHECKPOINT.items() if cfg.get(field)}
+    out = {arg: cfg.get(field) for field, arg in FROM_CHECKPOINT.items() if cfg.get(field)}
+    if "image_size" not in out and cfg.get("caches"):
+        size = _cache_view_size(cfg["caches"][0], cfg.get("storage_options"))
+        if size:
+            out["image_size"] = size
+    return out
+
+
+def _cache_view_size(path: str, storage_options: dict | None) -> int | list | None:
+    """The output size of the cache's views (rrc-flip), which training evaluated at."""
+    from cache.meta import read_meta
+
+    try:
+        meta = read_meta(path, storage_options or None)
+    except Exception as e:  # noqa: BLE001 - the cache may live elsewhere; say so, go on
+        log.warning("cannot read the training cache %s (%s); give --image-size if it "
+                    "used rrc-flip views", path, e)  # fmt: skip
+        return None
+    spec = meta.get("spec") or next(
+        (m.get("spec") for m in meta.values() if isinstance(m, dict) and m.get("spec")), {}
+    )
+    size = ((spec.get("views") or {}).get("params") or {}).get("size")
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return size if isinstance(size, (int, list)) and size else None
 
 
 def run_evaluate(

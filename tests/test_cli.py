@@ -189,3 +189,16 @@ def test_evaluate_defaults_from_checkpoint_top5_json_per_class(tmp_path, make_im
     torch.save(sd, tmp_path / "plain.pt")
     res = cli("evaluate", "--weights", tmp_path / "plain.pt", ok=False)
     _one_line_error(res, "--model is required")
+
+
+def test_evaluate_takes_the_view_size_of_an_rrc_flip_cache(tmp_path):
+    c = tmp_path / "c.zarr"
+    cli("precompute", "--teacher", "resnet8", "--max-samples", "16", "--num-augs", "1",
+        "--augment", "rrc-flip", "--image-size", "24", "--out", c)  # fmt: skip
+    run = tmp_path / "run"
+    cli("distill", "--student", "resnet8", "--cache", c, "--loss", "kd", "--max-samples", "16",
+        "--epochs", "1", "--batch-size", "8", "--out", run)  # fmt: skip
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    d = json.loads(cli("evaluate", "--weights", run / "best.pt", "--json").stdout)
+    assert d["image_size"] == 24 and "image_size" in d["from_checkpoint"]
+    assert d["top1"] == pytest.approx(rec["test_acc"], abs=1e-6)
