@@ -12,6 +12,16 @@ import sys
 
 import click
 
+from cliconfig import (
+    Group,
+    cache_out,
+    distinct_inputs,
+    resolved_options,
+    run_dir,
+    version,
+    weights_file,
+)
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
@@ -47,29 +57,16 @@ STORAGE_OPTIONS = click.option(
 )
 
 
-class UserError(click.ClickException):
-    """A KdcacheError shown as one line, exit code 2, no traceback."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
-class Group(click.Group):
-    """Turns user errors raised anywhere below into `error: ...` and exit 2."""
-
-    def invoke(self, ctx: click.Context):
-        from cache.errors import KdcacheError
-
-        try:
-            return super().invoke(ctx)
-        except KdcacheError as e:
-            raise UserError(str(e)) from None
+POS_INT = click.IntRange(min=1)
+NONNEG = click.FloatRange(min=0)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.option(
+    "--version", is_flag=True, is_eager=True, expose_value=False, callback=version,
+    help="Print the kdcache version and exit.",
+)  # fmt: skip
 def main(verbose: bool) -> None:
     """kdcache: run the teacher once, keep its logits, train many students fast."""
     logging.basicConfig(
@@ -93,19 +90,25 @@ def main(verbose: bool) -> None:
 @click.option("--augment", default="crop-flip", help="identity, crop-flip, rrc-flip, token-mask.")
 @click.option("--identity-view/--no-identity-view", default=True, help="View 0 is the eval view.")
 @click.option("--seed", default=0, type=int, help="Base seed of the view parameters.")
-@click.option("--out", required=True, help="Cache path (.zarr/.h5) or a root directory.")
-@click.option("--weights", default=None, help="State dict or kdcache checkpoint of the teacher.")
+@click.option(
+    "--out", required=True, callback=cache_out,
+    help="Cache path (.zarr/.h5) or a root directory.",
+)  # fmt: skip
+@click.option(
+    "--weights", default=None, callback=weights_file,
+    help="State dict or kdcache checkpoint of the teacher.",
+)  # fmt: skip
 @click.option("--pretrained", is_flag=True, help="Load the library's pretrained weights (hub).")
 @click.option(
     "--random-init", default=None, type=int, is_flag=False, flag_value=0, metavar="[SEED]",
     help="Random teacher (tests, smoke runs), initialized from SEED (0 if not given).",
 )  # fmt: skip
 @click.option("--num-classes", default=None, type=int, help="Classes of the teacher head.")
-@click.option("--image-size", default=None, type=int, help="View output size (rrc-flip).")
+@click.option("--image-size", default=None, type=POS_INT, help="View output size (rrc-flip).")
 @click.option(
     "--max-length",
     default=None,
-    type=int,
+    type=POS_INT,
     help="Text: truncate to this many tokens, padded per batch [default: model's, <= 128].",
 )
 @click.option("--mask-prob", default=0.15, type=float, help="token-mask: fraction masked.")
@@ -146,7 +149,7 @@ def main(verbose: bool) -> None:
 @click.option("--compile", is_flag=True, help="torch.compile the teacher.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache with another spec.")
 @click.option("--break-lock", is_flag=True, help="Break a stale writer lock.")
-@click.option("--max-samples", default=None, type=int, help="Use only the first N samples.")
+@click.option("--max-samples", default=None, type=POS_INT, help="Use only the first N samples.")
 @click.option("--topk", default=None, type=int, help="Store a sparse top-K cache (+ tail mass).")
 @click.option(
     "--sampled", default=None, type=int, help="Store K sampled class draws per entry (RS-KD)."
@@ -160,6 +163,7 @@ def precompute(**kw) -> None:
     kw["format"] = kw.pop("fmt")
     kw["storage_options"] = _storage_options(kw["storage_options"])
     kw["command"] = shlex.join(sys.argv)
+    kw["cli_options"] = resolved_options(click.get_current_context())
     click.echo(format_summary(run(PrecomputeConfig(**kw))))
 
 
@@ -179,12 +183,14 @@ def precompute(**kw) -> None:
 @click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
 @click.option("--num-classes", default=None, type=int, help="Classes (default: from data).")
 @click.option("--pretrained", is_flag=True, help="Start the student from hub weights.")
-@click.option("--weights", default=None, help="Initial student weights.")
+@click.option("--weights", default=None, callback=weights_file, help="Initial student weights.")
 @click.option("--epochs", default=240, type=int, help="Epochs (CIFAR recipe: 240).")
 @click.option("--batch-size", default=64, type=int, help="Global batch size.")
-@click.option("--lr", default=0.05, type=float, help="Learning rate.")
-@click.option("--momentum", default=0.9, type=float, help="SGD momentum.")
-@click.option("--weight-decay", default=5e-4, type=float, help="Weight decay.")
+@click.option(
+    "--lr", default=0.05, type=click.FloatRange(min=0, min_open=True), help="Learning rate."
+)
+@click.option("--momentum", default=0.9, type=click.FloatRange(0, 1), help="SGD momentum.")
+@click.option("--weight-decay", default=5e-4, type=NONNEG, help="Weight decay.")
 @click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]), help="Optimizer.")
 @click.option(
     "--schedule",
@@ -220,7 +226,7 @@ def precompute(**kw) -> None:
 @click.option(
     "--memory-budget-gb", default=4.0, type=float, help="Load caches into RAM up to this."
 )
-@click.option("--image-size", default=None, type=int, help="View output size (rrc-flip).")
+@click.option("--image-size", default=None, type=POS_INT, help="View output size (rrc-flip).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option(
     "--amp/--no-amp", default=True, help="bf16 autocast of student (and teacher) on CUDA."
@@ -236,11 +242,11 @@ def precompute(**kw) -> None:
 @click.option("--text-column", default=None, help="hfds: text column (default: auto-detect).")
 @click.option("--label-column", default=None, help="hfds: label column (default: auto-detect).")
 @click.option("--seed", default=0, type=int, help="Training seed.")
-@click.option("--out", default="runs/distill", help="Run directory.")
+@click.option("--out", default="runs/distill", callback=run_dir, help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in OUT (default: refuse).")
-@click.option("--max-samples", default=None, type=int, help="Use only the first N samples.")
-@click.option("--max-steps", default=None, type=int, help="Stop after N optimizer steps.")
+@click.option("--max-samples", default=None, type=POS_INT, help="Use only the first N samples.")
+@click.option("--max-steps", default=None, type=POS_INT, help="Stop after N optimizer steps.")
 @click.option("--plots/--no-plots", default=True, help="Write PNG plots of the metrics.")
 @click.option(
     "--log-every",
@@ -285,26 +291,40 @@ def distill(**kw) -> None:
             f"{kw['milestones']!r} is not a list of epochs", param_hint="--milestones"
         ) from None
     kw["storage_options"] = _storage_options(kw["storage_options"])
+    kw["cli_options"] = resolved_options(click.get_current_context())
     rec = run(DistillConfig(**kw))
     if rec:  # only rank 0 returns a record under torchrun
         click.echo(summary_line(rec, kw["out"]))
 
 
-@main.command(context_settings=CONTEXT)
-@click.option("--model", required=True, help="Model name (same factory as teachers).")
-@click.option("--weights", required=True, help="Checkpoint or state dict.")
-@click.option("--dataset", default="digits", help="Dataset.")
-@click.option("--data-root", default=None, help="Dataset directory.")
-@click.option("--split", default="test", help="Split to evaluate.")
-@click.option("--num-classes", default=None, type=int, help="Classes (default: checkpoint).")
-@click.option("--batch-size", default=256, type=int, help="Batch size.")
-@click.option("--image-size", default=None, type=int, help="Resize the eval view (rrc-flip runs).")
-@click.option("--device", default="auto", help="auto, cpu, cuda.")
-def evaluate(**kw) -> None:
-    """Print the top-1 accuracy of a model on a dataset split."""
-    from distill.evaluate import run_evaluate
+CKPT = "the checkpoint's, else "
 
-    run_evaluate(**kw)
+
+@main.command(context_settings=CONTEXT)
+@click.option("--weights", required=True, callback=weights_file, help="Checkpoint or state dict.")
+@click.option(
+    "--model", default=None, show_default=CKPT + "required",
+    help="Model name (same factory as teachers).",
+)  # fmt: skip
+@click.option("--dataset", default=None, show_default=CKPT + "digits", help="Dataset.")
+@click.option("--data-root", default=None, show_default=CKPT + "none", help="Dataset directory.")
+@click.option("--split", default="test", help="Split to evaluate.")
+@click.option("--num-classes", default=None, type=POS_INT, help="Classes (default: checkpoint).")
+@click.option("--batch-size", default=256, type=POS_INT, help="Batch size.")
+@click.option(
+    "--image-size", default=None, type=POS_INT, show_default=CKPT + "the model's",
+    help="Resize the eval view (rrc-flip runs).",
+)  # fmt: skip
+@click.option("--device", default="auto", help="auto, cpu, cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--per-class", is_flag=True, help="Also print accuracy and count per class.")
+def evaluate(as_json: bool, **kw) -> None:
+    """Top-1, top-5 accuracy and mean CE loss of a model on a dataset split (eval view).
+    A kdcache checkpoint supplies the model, dataset, data root and image size of its run."""
+    from distill.evaluate import format_result, run_evaluate
+
+    r = run_evaluate(**kw)
+    click.echo(json.dumps(r, indent=2, sort_keys=True) if as_json else format_result(r))
 
 
 @main.group(context_settings=CONTEXT)
@@ -413,6 +433,8 @@ def merge(out, inputs, overwrite, break_lock, progress, storage_options) -> None
     """Merge shards of one cache into one, or several teachers' caches (same dataset and
     views) into one multi-teacher store that `distill --cache OUT` ensembles."""
     from cache.merge import merge as do_merge
+
+    distinct_inputs(out, inputs)
 
     r = do_merge(
         out, inputs, storage_options=_storage_options(storage_options), overwrite=overwrite,

@@ -148,7 +148,7 @@ def _refusal(path: str, record: dict) -> CacheLockedError:
         state = "another writer may still be running"
     return CacheLockedError(
         f"cache {path} is locked by {who}; {state}; lock file {lock_path(path)}; "
-        "pass break_lock=True (CLI --break-lock) to break it"
+        "pass --break-lock to break it"
     )
 
 

@@ -202,7 +202,7 @@ def _existing(
     writer._b.close()
     if may_delete:
         return None
-    hint = "; pass overwrite=True to delete and recreate it" if wlock is not None else ""
+    hint = "; pass --overwrite to delete and recreate it" if wlock is not None else ""
     raise KdcacheError(
         f"cache {path} exists with a different spec ({describe_diff(writer.spec, spec)}){hint}"
     )

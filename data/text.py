@@ -62,7 +62,9 @@ class TextCollate:
 
 def _text_files(root, split: str) -> tuple[Path, list[Path]]:
     if root is None:
-        raise KdcacheError("text needs --root FILE.jsonl|FILE.csv or a DIR with <split>.jsonl|csv")
+        raise KdcacheError(
+            "text needs --data-root FILE.jsonl|FILE.csv or a DIR with <split>.jsonl|csv"
+        )
     p = Path(root)
     if p.is_file():
         if split != "train" and p.stem != split:

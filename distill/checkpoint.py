@@ -31,7 +31,8 @@ RUN_FILES = (LAST, BEST, METRICS, "metrics.csv", "loss.png", "accuracy.png", "ws
 RESUME_MAY_CHANGE = (
     "resume", "overwrite", "out", "device", "workers", "amp", "memory_budget_gb", "plots",
     "storage_options", "max_steps", "caches", "data_root", "download", "test_split",
-    "pretrained", "weights",
+    "pretrained", "weights", "compile", "log_every", "eval_every", "tensorboard",
+    "fill_missing", "cli_options",
 )  # fmt: skip
 
 
@@ -112,7 +113,8 @@ def check_resumable(old: dict, new: dict, path: Path) -> None:
     ]  # fmt: skip
     if diff:
         parts = [f"{_flag(k)} {old[k]!r} -> {new[k]!r}" for k in diff]
-        allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE if k not in ("resume", "out"))
+        hidden = ("resume", "out", "cli_options")
+        allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE if k not in hidden)
         raise KdcacheError(
             f"--resume: {path} was trained with other settings ({'; '.join(parts)}); rerun "
             f"with the old values or start over with --overwrite (only {allowed} may change "

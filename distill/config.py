@@ -64,6 +64,8 @@ class DistillConfig:
     ema_decay: float = 0.9998
     accum_steps: int = 1
     storage_options: dict = field(default_factory=dict)
+    # every CLI option as resolved (file, flags, defaults); written to the run's config.yaml
+    cli_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (checkpoints carry their own config)."""

@@ -1,7 +1,8 @@
 """`make demo`: the main job end to end on the built-in digits data with a local zarr cache.
 
 Trains a teacher (`distill --loss ce`), caches its logits under seeded views (`precompute`),
-distills a small student with ce, kd and wsl from the cache, and prints a table. Every stage
+distills a small student with ce, kd and wsl from the cache, prints a table, and says where
+each run's folder and report figure are (plus one figure comparing the students). Every stage
 runs through the real CLI in a subprocess, exactly as a user would type it.
 """
 
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from distill.plots import compare_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +31,14 @@ def cli(*args: str) -> tuple[str, float]:
         sys.exit(f"demo step failed (exit {p.returncode}): {' '.join(args)}")
     print(p.stdout.strip(), flush=True)
     return p.stdout, time.perf_counter() - t0
+
+
+def rel(p: Path) -> str:
+    """A path as the user can type it from the repository root."""
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return str(p)
 
 
 def last_record(run_dir: Path) -> dict:
@@ -57,10 +68,10 @@ def main() -> None:
         "0.05",
         "--weight-decay",
         "5e-4",
-        "--no-plots",
         "--overwrite",  # a rerun of the demo replaces its runs
     ]
     rows = []
+    runs = {"teacher " + a.teacher: out / "teacher"}
     _, t = cli(
         "distill",
         "--student",
@@ -112,6 +123,7 @@ def main() -> None:
             str(run_dir),
             *common,
         )
+        runs[f"student {a.student} {loss}"] = run_dir
         rec = last_record(run_dir)
         rows.append((f"student {a.student}", loss, rec["test_acc"], t, rec["samples_per_s"]))
     print("\nkdcache demo (digits, CPU)")
@@ -119,7 +131,16 @@ def main() -> None:
     for name, loss, acc, secs, sps in rows:
         acc_s = "-" if acc != acc else f"{acc:.4f}"
         print(f"{name:<20} {loss:<8} {acc_s:>9} {secs:>8.1f} {sps:>10.0f}")
+    students = {k.split()[-1]: v for k, v in runs.items() if k.startswith("student")}
+    title = f"{a.student} students of {a.teacher} (digits, {a.student_epochs} epochs)"
+    compare = compare_runs(students, out / "students.png", title)
     print(f"\ncache: {cache}")
+    print(
+        "\nfigures (each run folder also holds config.yaml, metrics.jsonl/csv, best.pt, last.pt):"
+    )
+    for name, run_dir in runs.items():
+        print(f"  {name:<20} {rel(run_dir / 'report.png')}")
+    print(f"  {'students compared':<20} {rel(compare)}")
 
 
 if __name__ == "__main__":

@@ -340,6 +340,22 @@ def _optimizer_step(model, optimizer, rc: Recipe, step: int) -> int:
     return step + 1
 
 
+def eval_batches(
+    dataset, policy, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0
+) -> Iterator[tuple[np.ndarray, object]]:
+    """(samples, views) of the eval (identity) view of this rank's share of `dataset`, made
+    in this thread (in-RAM data) or by the loader's worker processes (streamed sources)."""
+    idx = np.arange(rank, len(dataset), world_size, dtype=np.int64)
+    ident = np.asarray(policy.identity_params(), dtype=np.float32)
+    make = BatchMaker(dataset, policy, workers=workers)
+    plans = (
+        {"samples": s, "params": np.broadcast_to(ident, (len(s), len(ident))), "epoch": 0}
+        for s in (idx[lo : lo + batch_size] for lo in range(0, len(idx), batch_size))
+    )
+    for b in (_made(make, b) for b in plans) if make.batched else make.stream(plans):
+        yield b["samples"], b["views"]
+
+
 @torch.no_grad()
 def evaluate_model(
     model,
@@ -360,21 +376,11 @@ def evaluate_model(
     models = {"": model} if ema is None else {"": model, "ema_": ema}
     for m in models.values():
         m.eval()
-    n = len(dataset)
-    idx = np.arange(rank, n, world_size, dtype=np.int64)
     acc = DeviceSums(device)
-    ident = np.asarray(policy.identity_params(), dtype=np.float32)
     labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
     use_amp = amp and device.type == "cuda"
-    make = BatchMaker(dataset, policy, workers=workers)
-    plans = (
-        {"samples": s, "params": np.broadcast_to(ident, (len(s), len(ident))), "epoch": 0}
-        for s in (idx[lo : lo + batch_size] for lo in range(0, len(idx), batch_size))
-    )
-    made = (_made(make, b) for b in plans) if make.batched else make.stream(plans)
-    for b in made:
-        s = b["samples"]
-        x = to_input(b["views"], device, channels_last)
+    for s, views in eval_batches(dataset, policy, batch_size, rank, world_size, workers):
+        x = to_input(views, device, channels_last)
         y = labels[torch.from_numpy(s)].to(device, non_blocking=True)
         vals = {}
         for prefix, m in models.items():
@@ -386,5 +392,5 @@ def evaluate_model(
         acc.add(vals)
     res = {k: 0.0 for p in models for k in (p + "correct", p + "loss_sum")}
     res.update(acc.pull())
-    res["n"] = float(len(idx))
+    res["n"] = float(len(range(rank, len(dataset), world_size)))
     return res

@@ -1,4 +1,5 @@
-"""Per-epoch metrics: JSONL (append-only, resumable), CSV, and PNG plots at the end."""
+"""Per-epoch metrics: JSONL (append-only, resumable), CSV, and PNG plots at the end
+(`distill/plots.py`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,6 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-PLOTS = (
-    ("loss", ("loss", "ce", "kd", "soft", "test_loss")),
-    ("accuracy", ("train_acc", "test_acc", "teacher_train_acc")),
-    ("wsl", ("weight_mean", "reg_fraction")),
-    ("speed", ("samples_per_s",)),
-)
 
 
 class MetricsLog:
@@ -57,30 +51,10 @@ class MetricsLog:
             w.writeheader()
             w.writerows(self.records)
 
-    def finish(self, plots: bool = True) -> list[Path]:
-        """Write one PNG per metric group that has data."""
+    def finish(self, plots: bool = True, title: str = "") -> list[Path]:
+        """Write the run's report figure (report.png) and one PNG per panel."""
         if not (self.enabled and plots and self.records):
             return []
-        import matplotlib
+        from distill.plots import write_plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        written = []
-        epochs = [r["epoch"] for r in self.records]
-        for name, keys in PLOTS:
-            keys = [k for k in keys if any(k in r for r in self.records)]
-            if not keys:
-                continue
-            fig, ax = plt.subplots(figsize=(5, 3.2))
-            for k in keys:
-                ax.plot(epochs, [r.get(k, float("nan")) for r in self.records], label=k)
-            ax.set_xlabel("epoch")
-            ax.set_title(name)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = self.out / f"{name}.png"
-            fig.savefig(path, dpi=80)
-            plt.close(fig)
-            written.append(path)
-        return written
+        return write_plots(self.records, self.out, title)

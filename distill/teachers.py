@@ -32,17 +32,23 @@ def open_caches(paths: list[str], dataset, num_classes: int, storage_options: di
     first = caches[0]
     rows0 = None
     for p, c in zip(paths, caches, strict=True):
+        name, split = c.spec.dataset.get("name"), c.spec.dataset.get("split")
+        hint = (
+            f"; pass --dataset {name} (and its --data-root)"
+            if name and name != dataset.name
+            else "; check --data-root, --split and --max-samples"
+        )
         if c.n != len(dataset):
             raise KdcacheError(
-                f"cache {p} has N={c.n} samples but dataset "
-                f"{dataset.name}/{dataset.split} has {len(dataset)}"
+                f"cache {p} was computed on {name}/{split} with N={c.n} samples but the dataset "
+                f"given, {dataset.name}/{dataset.split}, has {len(dataset)}{hint}"
             )
         rows, same = cache_rows(c.spec.dataset, c.keys, dataset)
         if not same:
             raise KdcacheError(
-                f"cache {p} was computed on another dataset (fingerprint "
+                f"cache {p} was computed on another {name}/{split} (fingerprint "
                 f"{c.spec.dataset.get('fingerprint', '')[:12]} does not match the keys and "
-                f"labels of {dataset.name}/{dataset.split}); check --dataset/--data-root"
+                f"labels of {dataset.name}/{dataset.split}){hint}"
             )
         if rows0 is not None and not np.array_equal(rows, rows0):
             raise KdcacheError(

@@ -25,11 +25,12 @@ from distill.loop import (
     views_per_sample,
 )
 from distill.metrics import MetricsLog
+from distill.plots import run_title
 from distill.progress import EpochBar, check_options, place_on_device
 from distill.recipe import ModelEma, Recipe, steps_per_epoch, warmup_factor
 from distill.setup import build_run, make_optimizer, make_scheduler
 from distill.steplog import StepLog
-from models.runtime import Runtime, barrier, init_runtime, shutdown
+from models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         metrics.truncate(start_epoch)
         steplog.truncate(step)
         log.info("resumed %s at epoch %d (step %d)", out, start_epoch, step)
+    if rt.is_main:  # after build_run and the checkpoint were validated: bad input writes nothing
+        write_run_config(out / "config.yaml", cfg.cli_options, "distill")
     on_step = None
     if r.mrkd is not None:
         on_step = lambda s: r.mrkd.maybe_snapshot(model, s)  # noqa: E731
@@ -213,7 +216,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     steplog.close()
     if not rt.is_main:
         return {}  # only rank 0 reports (and prints) the summary
-    metrics.finish(plots=cfg.plots)
+    teachers = [c.spec.teacher.get("name", "?") for c in r.teacher.caches] if r.teacher else []
+    metrics.finish(plots=cfg.plots, title=run_title(cfg, teachers))
     if record:
         record["best_path"] = str(out / "best.pt") if best_epoch >= 0 else None
     return record

@@ -79,7 +79,7 @@ def create_model(
     Extra kw: ``model_kwargs`` (dict forwarded to the library builder), ``max_length`` (hf).
     """
     if sum(map(bool, (pretrained, weights, init_seed is not None))) > 1:
-        raise KdcacheError("give one of pretrained=True, weights=PATH or init_seed, not several")
+        raise KdcacheError("give one of --pretrained, --weights PATH or --random-init, not several")
     state = read_weights(weights) if weights else None
     source = model_source(name)
     if source == "hf:":

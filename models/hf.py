@@ -51,12 +51,21 @@ def create_hf_model(
 
     if not path:
         raise KdcacheError("hf: needs a path or hub id, e.g. hf:bert-base-uncased or hf:./my_bert")
+    local = os.path.expanduser(path)
+    if path.startswith(("/", "./", "../", "~", ".\\")) or os.path.exists(local):
+        if not os.path.isdir(local):
+            what = "is not a directory" if os.path.exists(local) else "does not exist"
+            raise KdcacheError(
+                f"hf:{path}: the directory {local!r} {what}; expected a local directory saved "
+                "with save_pretrained (config.json, weights, tokenizer) or a hub id"
+            )
+        path = local
     config = _hub("config", path, lambda: AutoConfig.from_pretrained(path))
     archs = getattr(config, "architectures", None) or []
     has_head = any(a.endswith("ForSequenceClassification") for a in archs)
     if has_head and num_classes is not None and num_classes != config.num_labels:
         raise KdcacheError(
-            f"num_classes={num_classes} but {path!r} has a {config.num_labels}-class classifier"
+            f"--num-classes {num_classes} but {path!r} has a {config.num_labels}-class classifier"
         )
     extra = {} if has_head or num_classes is None else {"num_labels": num_classes}
     net = _hub(

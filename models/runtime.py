@@ -97,3 +97,23 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, dict):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch.to(device, non_blocking=True)
+
+
+def write_run_config(path, options: dict, command: str) -> None:
+    """Write a run's resolved options as YAML (atomically), so that
+    `kdcache COMMAND --config PATH` repeats the run. No-op when there are none."""
+    if not options:
+        return
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    text = (
+        f"# kdcache {command}: resolved options of this run (file, flags and defaults).\n"
+        f"# Repeat it with: kdcache {command} --config {path}  (flags override it)\n"
+        + yaml.safe_dump(options, sort_keys=False, default_flow_style=None)
+    )
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -124,7 +124,7 @@ def load_weights_into(
     if ckpt_classes is not None:
         if num_classes is not None and num_classes != ckpt_classes:
             raise KdcacheError(
-                f"num_classes={num_classes} but weights {path!r} have a {ckpt_classes}-class "
+                f"--num-classes {num_classes} but weights {path!r} have a {ckpt_classes}-class "
                 f"classifier ({key})"
             )
         if ckpt_classes != num_outputs(net):

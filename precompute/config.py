@@ -45,3 +45,5 @@ class PrecomputeConfig:
     sampled: int | None = None
     storage_options: dict = field(default_factory=dict)
     command: str | None = None
+    # every CLI option as resolved (file, flags, defaults); written to the run's config.yaml
+    cli_options: dict = field(default_factory=dict)

@@ -26,6 +26,7 @@ from models.runtime import (
     init_runtime,
     shutdown,
     to_device,
+    write_run_config,
 )
 from precompute.config import PrecomputeConfig
 from precompute.setup import Setup, build_setup, resolve_out_path
@@ -142,6 +143,10 @@ def _run(cfg: PrecomputeConfig, rt: Runtime) -> dict:
     path = resolve_out_path(cfg, setup)
     existed = exists(path, cfg.storage_options or None)
     writer = _open_writer(cfg, setup, rt, path)
+    local = path.removeprefix("file://")
+    conf = None if "://" in local or not rt.is_main else Path(f"{local}.config.yaml")
+    if conf is not None:  # next to a local cache; a remote one keeps `command` in provenance
+        write_run_config(conf, cfg.cli_options, "precompute")
     try:
         return _compute(cfg, rt, setup, path, writer, t0)
     except KdcacheError as e:
@@ -149,6 +154,8 @@ def _run(cfg: PrecomputeConfig, rt: Runtime) -> dict:
         # a run that fails on bad input leaves nothing behind; a full disk keeps every chunk
         if rt.is_main and not existed and not isinstance(e, DiskFullError):
             backend_class(setup.backend).delete(path, cfg.storage_options or None)
+            if conf is not None:
+                conf.unlink(missing_ok=True)
         raise
 
 

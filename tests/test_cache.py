@@ -206,7 +206,7 @@ w.write_chunk(2, LOGITS[32:48], VIEWS[32:48])
 
     def test_lock_refusal_and_break(self, path):
         w = create_cache(str(path), make_spec(), labels=LABELS, keys=KEYS)
-        msg = f"{os.uname().nodename} pid {os.getpid()} since .*may still be running.*break_lock"
+        msg = f"{os.uname().nodename} pid {os.getpid()} since .*may still be running.*--break-lock"
         with pytest.raises(CacheLockedError, match=msg):
             create_cache(str(path), make_spec(), labels=LABELS, keys=KEYS)
         with pytest.raises(CacheLockedError):

@@ -69,7 +69,7 @@ def test_weights_round_trip(tmp_path):
             assert info["num_classes"] == 7
             assert info["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
             torch.testing.assert_close(loaded.eval()(x), ref)
-    with pytest.raises(KdcacheError, match=r"num_classes=10.*7-class"):
+    with pytest.raises(KdcacheError, match=r"--num-classes 10.*7-class"):
         create_model("resnet8", num_classes=10, weights=str(wrapped))
     with pytest.raises(KdcacheError, match="do not fit"):
         create_model("resnet14", weights=str(bare))
@@ -118,7 +118,7 @@ def test_hf_tiny_bert(tiny_bert_dir, tiny_texts, tmp_path):
     with torch.no_grad():
         logits = model.eval()(**inputs)
     assert logits.shape == (4, 3) and torch.isfinite(logits).all()
-    with pytest.raises(KdcacheError, match="num_classes=5.*3-class"):
+    with pytest.raises(KdcacheError, match="--num-classes 5.*3-class"):
         create_model(f"hf:{tiny_bert_dir}", num_classes=5)
     path = tmp_path / "bert.pt"
     torch.save({"model": model.state_dict()}, path)
