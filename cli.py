@@ -76,18 +76,24 @@ def main(verbose: bool) -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.option(
-    "--teacher", required=True, help="resnet34 (timm), tv:NAME, hf:PATH, resnet8..wrn_40_2."
+    "--teacher",
+    required=True,
+    help="resnet34 (timm), tv:NAME, hf:PATH, resnet8..wrn_40_2 (kdcache list models).",
 )
 @click.option(
     "--dataset",
     default="digits",
-    help="cifar10, cifar100, digits, imagefolder, text, hfds:PATH_OR_ID, wds:URL.",
+    help="cifar10, cifar100, digits, imagefolder, text, hfds:PATH_OR_ID, wds:URL "
+    "(kdcache list datasets).",
 )
 @click.option("--data-root", default=None, help="Dataset directory (or file for text).")
 @click.option("--split", default="train", help="Dataset split to run the teacher on.")
 @click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
 @click.option("--num-augs", default=8, type=int, help="Augmented views per sample (A).")
-@click.option("--augment", default="crop-flip", help="identity, crop-flip, rrc-flip, token-mask.")
+@click.option(
+    "--augment", default="crop-flip", help="View policy (kdcache list views): identity, "
+    "crop-flip, rrc-flip, token-mask.",
+)  # fmt: skip
 @click.option("--identity-view/--no-identity-view", default=True, help="View 0 is the eval view.")
 @click.option("--seed", default=0, type=int, help="Base seed of the view parameters.")
 @click.option(
@@ -171,8 +177,9 @@ def precompute(**kw) -> None:
 @click.option("--cache", "caches", multiple=True, help="Cache path/URL; repeat for an ensemble.")
 @click.option("--student", required=True, help="Student model name (same factory as teachers).")
 @click.option(
-    "--loss", default="ce", help="ce, kd, wsl, lsr, tfkd-reg, tfkd-self, lsr-os, lsr-os-tc, mrkd."
-)
+    "--loss", default="ce", help="ce, kd, wsl, lsr, tfkd-reg, tfkd-self, lsr-os, lsr-os-tc, "
+    "mrkd (kdcache list losses).",
+)  # fmt: skip
 @click.option("--temperature", "-T", default=None, type=float, help="Loss temperature.")
 @click.option("--alpha", default=None, type=float, help="Loss soft-term weight.")
 @click.option("--hparam", multiple=True, help="Other loss hyper-parameters, NAME=VALUE.")
@@ -325,6 +332,19 @@ def evaluate(as_json: bool, **kw) -> None:
 
     r = run_evaluate(**kw)
     click.echo(json.dumps(r, indent=2, sort_keys=True) if as_json else format_result(r))
+
+
+@main.command(name="list", context_settings=CONTEXT)
+@click.argument("kind", type=click.Choice(["losses", "models", "datasets", "views"]))
+@click.option("--filter", "pattern", default=None, help="Model name pattern, e.g. 'resnet*'.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def list_cmd(kind: str, pattern: str | None, as_json: bool) -> None:
+    """What the registries hold: losses (hparams, defaults, domains), model sources (the CIFAR
+    zoo; timm/tv: names with --filter), dataset sources, view policies (view_params layout)."""
+    from distill.listing import entries, format_entries
+
+    rows = entries(kind, pattern)
+    click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_entries(kind, rows))
 
 
 @main.group(context_settings=CONTEXT)

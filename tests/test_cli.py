@@ -131,7 +131,8 @@ def test_library_errors_name_real_options(tmp_path, make_text_file):
               "--data-root", make_text_file(), "--out", tmp_path / "c.zarr", ok=False)  # fmt: skip
     _one_line_error(res, "'/missing/bert-dir' does not exist", "save_pretrained")
     c = tmp_path / "c.zarr"
-    args = ["--teacher", "resnet8", "--max-samples", "12", "--num-augs", "1", "--out", c]
+    args = ["--teacher", "resnet8", "--random-init", "--max-samples", "12", "--num-augs", "1",
+            "--out", c]  # fmt: skip
     cli("precompute", *args)
     res = cli("precompute", *args[:-3], "2", "--out", c, ok=False)
     _one_line_error(res, "different spec", "pass --overwrite")
@@ -151,8 +152,8 @@ def test_resume_with_a_garbage_checkpoint(tmp_path):
 def test_forgotten_dataset_names_the_caches_dataset(tmp_path, make_cifar):
     root = make_cifar("cifar10", n_train=20, n_test=10)
     c = tmp_path / "c.zarr"
-    cli("precompute", "--teacher", "resnet8", "--dataset", "cifar10", "--data-root", root,
-        "--num-augs", "1", "--out", c)  # fmt: skip
+    cli("precompute", "--teacher", "resnet8", "--random-init", "--dataset", "cifar10",
+        "--data-root", root, "--num-augs", "1", "--out", c)  # fmt: skip
     res = cli("distill", "--student", "resnet8", "--loss", "kd", "--cache", c,
               "--out", tmp_path / "r", ok=False)  # fmt: skip
     _one_line_error(res, "computed on cifar10/train", "digits/train", "--dataset cifar10")
@@ -194,8 +195,8 @@ def test_evaluate_defaults_from_checkpoint_top5_json_per_class(tmp_path, make_im
 
 def test_evaluate_takes_the_view_size_of_an_rrc_flip_cache(tmp_path):
     c = tmp_path / "c.zarr"
-    cli("precompute", "--teacher", "resnet8", "--max-samples", "16", "--num-augs", "1",
-        "--augment", "rrc-flip", "--image-size", "24", "--out", c)  # fmt: skip
+    cli("precompute", "--teacher", "resnet8", "--random-init", "--max-samples", "16",
+        "--num-augs", "1", "--augment", "rrc-flip", "--image-size", "24", "--out", c)  # fmt: skip
     run = tmp_path / "run"
     cli("distill", "--student", "resnet8", "--cache", c, "--loss", "kd", "--max-samples", "16",
         "--epochs", "1", "--batch-size", "8", "--out", run)  # fmt: skip

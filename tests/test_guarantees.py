@@ -31,7 +31,10 @@ from tests.test_share import same_bytes
 def err_line(res) -> str:
     """The single `error:` line of a failed CLI run (exit 2, no traceback)."""
     assert res.exit_code == 2, res.output
-    lines = [x for x in res.output.strip().splitlines() if "%|" not in x]
+    lines = [
+        x for x in res.output.strip().splitlines()
+        if "%|" not in x and x.replace("\x1b[A", "").strip()
+    ]  # fmt: skip
     assert len(lines) == 1 and lines[0].startswith("error: "), res.output  # tqdm bars aside
     assert "Traceback" not in res.output
     return lines[0]

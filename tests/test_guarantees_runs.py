@@ -44,15 +44,15 @@ def test_6_killed_between_last_and_best_resume_rewrites_best(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint, "_copy_atomic", killed)
     res = cli(*TRAIN, "--epochs", "1", "--out", out, ok=False)
-    assert "Aborted" in res.output  # click's answer to the KeyboardInterrupt
+    assert "error: aborted" in res.output  # the CLI's one line for a KeyboardInterrupt
     monkeypatch.undo()
     assert (out / "last.pt").exists() and not (out / "best.pt").exists()
     cli(*TRAIN, "--epochs", "1", "--out", out, "--resume")  # nothing left to train
     last, best = _ck(out / "last.pt"), _ck(out / "best.pt")
     assert best["epoch"] == last["best_epoch"] == 0
     assert all(best["model"][k].equal(v) for k, v in last["model"].items())
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.csv",
-                                                     "metrics.jsonl"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt",
+                                                     "metrics.csv", "metrics.jsonl"]  # fmt: skip
 
 
 def test_10_existing_out_refused_without_resume_overwrite_replaces(tmp_path):
@@ -108,8 +108,8 @@ def test_2_full_disk_checkpoint_one_error_line_no_temp(tmp_path, monkeypatch):
     line = err_line(cli(*TRAIN, "--epochs", "2", "--out", out, "--resume", ok=False))
     assert "no space left" in line and "epoch 0 is kept" in line and "--resume" in line
     monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.csv",
-                                                     "metrics.jsonl"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt",
+                                                     "metrics.csv", "metrics.jsonl"]  # fmt: skip
     assert _ck(out / "last.pt")["epoch"] == 0
     cli(*TRAIN, "--epochs", "2", "--out", out, "--resume")
     assert _ck(out / "last.pt")["epoch"] == 1
@@ -229,7 +229,7 @@ def test_2_precompute_hdf5_full_disk_then_rerun_bit_identical(tmp_path, small_di
     assert "no space left" in line and "finished chunks of 16 are kept" in line
     with open_cache(str(out)) as c:
         assert 0 < int(c.done().sum()) < 16, (line, os.path.getsize(ref))
-    assert sorted(os.listdir(disk)) == ["x.h5"]  # no lock, no temp file
+    assert sorted(os.listdir(disk)) == ["x.h5", "x.h5.config.yaml"]  # no lock, no temp file
     resize("2m")
     cli(*args, "--out", out)
     assert verify(str(out)) == [] and same_bytes(ref, out)
@@ -241,7 +241,7 @@ def test_2_distill_on_a_full_disk_then_resume(small_disk):
     out = disk / "run"
     line = err_line(cli(*TRAIN, "--epochs", "1", "--out", out, ok=False))
     assert "no space left" in line and "no epoch was committed yet" in line
-    assert sorted(p.name for p in out.iterdir()) == []  # no torn metrics, no *.tmp-*
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]  # no torn metrics or *.tmp-*
     resize("4m")
     cli(*TRAIN, "--epochs", "1", "--out", out, "--resume")
     assert _ck(out / "last.pt")["epoch"] == 0 and (out / "best.pt").exists()

@@ -135,8 +135,8 @@ def test_chunk_aware_batches_are_class_mixed(tmp_path, make_imagefolder):
     root = make_imagefolder(n_per_class=16, classes=tuple(f"c{i}" for i in range(10)),
                             size=(12, 10))  # fmt: skip
     out = tmp_path / "mix.zarr"
-    cli("precompute", "--teacher", "resnet8", "--dataset", "imagefolder", "--data-root", root,
-        "--augment", "identity", "--num-augs", "1", "--chunk-samples", "16",
+    cli("precompute", "--teacher", "resnet8", "--random-init", "--dataset", "imagefolder",
+        "--data-root", root, "--augment", "identity", "--num-augs", "1", "--chunk-samples", "16",
         "--out", out)  # fmt: skip
     c = open_cache(str(out))
     labels = c.labels()
@@ -294,8 +294,9 @@ def test_corrupt_file_in_a_worker_is_one_error_line_nothing_written(tmp_path):
     root = make_jpeg_folder(tmp_path / "f", per_class=2)
     (root / "train/a/001.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "x.zarr"
-    res = cli("precompute", "--teacher", "resnet8", "--dataset", "imagefolder", "--data-root",
-              root, "--augment", "rrc-flip", "--workers", "2", "--out", out, ok=False)  # fmt: skip
+    res = cli("precompute", "--teacher", "resnet8", "--random-init", "--dataset", "imagefolder",
+              "--data-root", root, "--augment", "rrc-flip", "--workers", "2", "--out", out,
+              ok=False)  # fmt: skip
     assert res.exit_code == 2 and "Traceback" not in res.output
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot decode image") and "train/a/001.jpg" in last
@@ -339,7 +340,7 @@ def test_key_names_the_source_kind_not_its_location(tmp_path):
     hf_image_dataset(3).save_to_disk(str(tmp_path / "a"))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     specs = [
-        build_setup(PrecomputeConfig(teacher="resnet8", out=str(tmp_path / "o"),
+        build_setup(PrecomputeConfig(teacher="resnet8", random_init=0, out=str(tmp_path / "o"),
                                      dataset=f"hfds:{tmp_path / d}", augment="rrc-flip")).spec
         for d in ("a", "b")
     ]  # fmt: skip
