@@ -42,6 +42,16 @@ def _loss(cfg: DistillConfig):
     return fn, needs, {**defaults, **hp}
 
 
+def _check_hparams(cfg: DistillConfig, num_classes: int) -> None:
+    """Domains that need K (lsr-os-tc: c > 1/K), before any file is written."""
+    from distill.losses import check_hparams
+
+    try:
+        check_hparams(cfg.loss, dict(cfg.hparams), num_classes)
+    except ValueError as e:
+        raise KdcacheError(str(e)) from None
+
+
 def _tokenize(ds, info: dict) -> None:
     from data.views import tokenize_texts
     from models.factory import load_tokenizer
@@ -100,6 +110,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             cfg.dataset, root=cfg.data_root, split=cfg.test_split, download=cfg.download
         )
     num_classes = cfg.num_classes or train.num_classes
+    _check_hparams(cfg, num_classes)
     model, info = create_model(
         cfg.student, num_classes=num_classes, pretrained=cfg.pretrained, weights=cfg.weights
     )
@@ -124,8 +135,10 @@ def build_run(cfg: DistillConfig, rt) -> Run:
     policy = _policy(cfg, cache0, info, modality)
     mrkd = live = None
     if cfg.loss == "mrkd":
-        steps = max(1, len(train) // cfg.batch_size)
-        mrkd = live = MrKDTeacher(int(hp.get("M", 2)), int(hp.get("interval") or steps))
+        mrkd = live = MrKDTeacher(
+            int(hp["M"]), hp["interval"], warmup=int(hp["warmup"]), adjust=bool(hp["ka"]),
+            labels=train.labels,
+        )  # fmt: skip
         if teacher is not None:
             teacher = None  # MrKD's teacher is the student's history; the cache gives views
             log.warning("--loss mrkd ignores the cached logits (uses the cache's views only)")

@@ -116,6 +116,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
             max_steps=cfg.max_steps,
             step=step,
         )
+        if r.mrkd is not None:  # MrKD refreshes its copies on the true epoch boundary
+            r.mrkd.end_epoch(model, epoch)
         seconds = sums.pop("seconds")
         sums = _reduce(rt, sums)
         ev = (
