@@ -255,6 +255,7 @@ def evaluate(**kw) -> None:
 @main.command(context_settings=CONTEXT)
 @click.option("--cache", default=None, help="Teacher cache (views + logits); none: teacher-free.")
 @click.option("--losses", required=True, help="Comma-separated losses, e.g. ce,kd,wsl.")
+@click.option("--loss-cache", multiple=True, help="LOSS=PATH: that loss's own cache (tfkd-self).")
 @click.option("--seeds", default="0-9", help="Seeds: 0-9 or 0,1,2.")
 @click.option("--students", default="resnet8", help="Comma-separated student models.")
 @click.option("--hparam", multiple=True, help="Grid [LOSS:]NAME=V1,V2 (repeatable).")
@@ -283,9 +284,13 @@ def study(**kw) -> None:
     pairs = [tuple(p.split(":", 1)) for p in split(kw.pop("compare"))]
     if any(len(p) != 2 for p in pairs):
         raise click.BadParameter("expected A:B pairs", param_hint="--compare")
+    lc = [tuple(p.split("=", 1)) for p in kw.pop("loss_cache")]
+    if any(len(p) != 2 for p in lc):
+        raise click.BadParameter("expected LOSS=PATH", param_hint="--loss-cache")
     spec = StudySpec(
         out=kw["out"], losses=split(kw["losses"]), seeds=parse_seeds(kw["seeds"]),
-        students=split(kw["students"]), cache=kw["cache"], hparam_grid=parse_grid(kw["hparam"]),
+        students=split(kw["students"]), cache=kw["cache"], loss_cache=dict(lc),
+        hparam_grid=parse_grid(kw["hparam"]),
         baseline=kw["baseline"], compare=pairs, jobs=kw["jobs"], name=kw["name"], distill=base,
     )  # fmt: skip
     r = run_study(spec)

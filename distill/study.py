@@ -38,6 +38,7 @@ class StudySpec:
     seeds: list[int]
     students: list[str] = field(default_factory=lambda: ["resnet8"])
     cache: str | None = None
+    loss_cache: dict[str, str] = field(default_factory=dict)  # loss -> its own cache
     hparam_grid: dict[str, dict[str, list]] = field(default_factory=dict)  # loss|"*" -> grid
     baseline: str | None = None  # a variant label; default: the first loss
     compare: list[tuple[str, str]] = field(default_factory=list)  # extra (a, b) pairs
@@ -114,12 +115,15 @@ def plan(spec: StudySpec) -> list[PlannedRun]:
     unknown = set(spec.hparam_grid) - {"*"} - set(spec.losses)
     if unknown:
         raise KdcacheError(f"--hparam names loss {sorted(unknown)[0]!r}, not in --losses")
+    unknown = set(spec.loss_cache) - set(spec.losses)
+    if unknown:
+        raise KdcacheError(f"--loss-cache names loss {sorted(unknown)[0]!r}, not in --losses")
     for loss in spec.losses:
         try:
             defaults = loss_defaults(loss)
         except ValueError as e:
             raise KdcacheError(f"--losses: {e}") from None
-        if loss_needs_cache(loss) and not spec.cache:
+        if loss_needs_cache(loss) and not spec.loss_cache.get(loss, spec.cache):
             raise KdcacheError(f"--losses {loss} needs teacher logits: give --cache PATH")
         grid = {k: v for k, v in spec.hparam_grid.get("*", {}).items() if k in defaults}
         grid.update(spec.hparam_grid.get(loss, {}))
@@ -147,7 +151,7 @@ def run_config(spec: StudySpec, r: PlannedRun) -> dict:
         student=r.student,
         loss=r.loss,
         hparams=dict(r.hparams),
-        caches=[spec.cache] if spec.cache else [],
+        caches=[c] if (c := spec.loss_cache.get(r.loss, spec.cache)) else [],
         seed=r.seed,
         out=str(r.dir / "train"),
         resume=False,

@@ -10,7 +10,7 @@ import pytest
 
 from cache.errors import KdcacheError
 from distill import study as study_mod
-from distill.study import StudySpec, parse_grid, parse_seeds, plan, run_study
+from distill.study import StudySpec, parse_grid, parse_seeds, plan, run_config, run_study
 from distill.study_stats import comparisons, paired, summarize, write_report
 from tests.clitools import cli
 
@@ -76,6 +76,11 @@ def test_parsers_and_plan_errors(tmp_path):
         plan(StudySpec(str(tmp_path), ["lsr"], [0], hparam_grid=parse_grid(["eps=2"])))
     with pytest.raises(KdcacheError, match="unknown loss 'nope'"):
         plan(StudySpec(str(tmp_path), ["nope"], [0]))
+    own = StudySpec(str(tmp_path), ["ce", "tfkd-self"], [0], cache="t.zarr",
+                    loss_cache={"tfkd-self": "self.zarr"})  # fmt: skip
+    assert [run_config(own, r)["caches"] for r in plan(own)] == [["t.zarr"], ["self.zarr"]]
+    with pytest.raises(KdcacheError, match="--loss-cache names loss 'kd'"):
+        plan(StudySpec(str(tmp_path), ["ce"], [0], loss_cache={"kd": "x"}))
 
 
 def test_resume_skips_finished_runs(tmp_path, monkeypatch):
