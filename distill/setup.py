@@ -139,9 +139,8 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             int(hp["M"]), hp["interval"], warmup=int(hp["warmup"]), adjust=bool(hp["ka"]),
             labels=train.labels,
         )  # fmt: skip
-        if teacher is not None:
-            teacher = None  # MrKD's teacher is the student's history; the cache gives views
-            log.warning("--loss mrkd ignores the cached logits (uses the cache's views only)")
+        if teacher is not None:  # the cache still gives the views, as for every other loss
+            log.info("--loss mrkd: the cache gives the views; the teacher is the student's history")
     elif not needs_teacher and teacher is not None:
         log.info("--loss %s uses no teacher logits; the cache provides the views", cfg.loss)
     reg_fn = None

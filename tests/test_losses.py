@@ -419,3 +419,27 @@ def test_bad_hparam_is_one_error_line_before_out_exists(tmp_path):
     assert res.exit_code == 2 and not out.exists()
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "c=0.05" in lines[0]
+
+
+def test_mrkd_with_a_cache_trains_on_the_cached_views(tmp_path):
+    """Every loss of a study sees the same views: MrKD ignores the cached logits, not the views."""
+    from distill.config import DistillConfig
+    from distill.setup import build_run
+    from models.factory import create_model
+    from models.runtime import init_runtime
+    from tests.clitools import cli
+
+    torch.manual_seed(0)
+    model, _ = create_model("resnet8", num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    cache = tmp_path / "c.zarr"
+    cli(
+        "precompute", "--teacher", "resnet8", "--weights", tmp_path / "w.pt", "--dataset",
+        "digits", "--max-samples", "16", "--num-augs", "2", "--chunk-samples", "16", "--out", cache,
+    )  # fmt: skip
+    cfg = DistillConfig(
+        student="resnet8", loss="mrkd", caches=[str(cache)], max_samples=16, test_split="none"
+    )
+    r = build_run(cfg, init_runtime("cpu"))
+    assert r.teacher is not None and r.teacher.num_augs == 2  # the views come from the cache
+    assert r.live_teacher is r.mrkd and r.mrkd.interval is None and r.mrkd.adjust
