@@ -143,7 +143,7 @@ class LossDef:
 
 
 _KD = {"T": 4.0, "alpha": 0.9, "ce_weight": 0.1}
-_MRKD = {"T": 4.0, "alpha": 0.9, "ce_weight": 1.0}
+_MRKD = {"T": 4.0, "alpha": 0.3, "ce_weight": 1.0}
 _MRKD.update({"M": 2, "interval": None, "warmup": 0, "ka": True})
 LOSSES: dict[str, LossDef] = {
     "ce": LossDef(_ce, {}, False, False),

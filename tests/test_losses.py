@@ -191,7 +191,7 @@ def test_mrkd_is_kd_on_given_logits():
     )
     assert loss_defaults("mrkd") == {
         "T": 4.0,
-        "alpha": 0.9,
+        "alpha": 0.3,
         "ce_weight": 1.0,
         "M": 2,
         "interval": None,
