@@ -186,7 +186,7 @@ def test_tfkd_self_value():
 
 
 def test_mrkd_is_kd_on_given_logits():
-    assert val(run("mrkd", M=3, interval=100, T=2.0, ce_weight=0.1)) == pytest.approx(
+    assert val(run("mrkd", M=3, interval=100, T=2.0, alpha=0.9, ce_weight=0.1)) == pytest.approx(
         val(run("kd", T=2.0))
     )
     assert loss_defaults("mrkd") == {
