@@ -212,6 +212,16 @@ def run_study(spec: StudySpec) -> dict:
     from distill.study_stats import load_results, write_report
 
     runs = plan(spec)
+    baseline = spec.baseline or variant_label(spec.losses[0], {})
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    for opt, name in [
+        ("--baseline", baseline),
+        *(("--compare", v) for p in spec.compare for v in p),
+    ]:
+        if name not in variants:
+            raise KdcacheError(
+                f"{opt} {name!r} is not a variant of this study: {', '.join(variants)}"
+            )
     if spec.jobs < 0:
         raise KdcacheError(f"--jobs {spec.jobs}: expected >= 0 (0: one per core)")
     todo = _pending(spec, runs)
@@ -229,7 +239,6 @@ def run_study(spec: StudySpec) -> dict:
                 if rc != 0 or not r.result.exists():
                     failed.append(r)
     rows = load_results(runs)
-    baseline = spec.baseline or variant_label(spec.losses[0], {})
     report = write_report(rows, Path(spec.out), spec.name, baseline, spec.compare)
     report.update(planned=len(runs), trained=len(todo) - len(failed), failed=len(failed))
     if failed:

@@ -105,6 +105,8 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
     assert r["comparisons"][0]["wins"] == 2
     launched.clear()
     assert run_study(spec)["trained"] == 0 and launched == []
+    with pytest.raises(KdcacheError, match="--compare 'kd' is not a variant.*ce, lsr"):
+        run_study(StudySpec(str(tmp_path), ["ce", "lsr"], [0, 1], compare=[("kd", "ce")]))
     spec.distill = {"epochs": 2}
     with pytest.raises(KdcacheError, match="epochs differ"):
         run_study(spec)
