@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench env clean
+.PHONY: demo test lint bench env clean science
 
 # (Re)install when pyproject.toml changes; pip keeps its download cache in ~/.cache/pip,
 # so a second fresh venv does not download torch again.
@@ -21,6 +21,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m distill.demo
+
+# Losses x 10 seeds from one digits cache, paired tests (README "Which method helps").
+# Resumable: rerun to finish. SCIENCE_OUT=/some/dir make science to write elsewhere.
+SCIENCE_OUT ?= runs/science
+science: $(STAMP)
+	$(PY) -m distill.science --out $(SCIENCE_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -347,6 +347,52 @@ def list_cmd(kind: str, pattern: str | None, as_json: bool) -> None:
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_entries(kind, rows))
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--cache", default=None, help="Teacher cache (views + logits); none: teacher-free.")
+@click.option("--losses", required=True, help="Comma-separated losses, e.g. ce,kd,wsl.")
+@click.option("--loss-cache", multiple=True, help="LOSS=PATH: that loss's own cache (tfkd-self).")
+@click.option("--seeds", default="0-9", help="Seeds: 0-9 or 0,1,2.")
+@click.option("--students", default="resnet8", help="Comma-separated student models.")
+@click.option("--hparam", multiple=True, help="Grid [LOSS:]NAME=V1,V2 (repeatable).")
+@click.option("--baseline", default=None, help="Variant compared against (default: 1st loss).")
+@click.option("--compare", default="", help="Extra paired comparisons A:B, comma-separated.")
+@click.option("--jobs", default=0, type=int, help="Parallel runs (0: one per core).")
+@click.option("--out", required=True, help="Study directory (rerun to resume).")
+@click.option("--name", default="study", help="Report file name (OUT/NAME.md/.csv/.png).")
+@click.option("--dataset", default="digits", help="Dataset (the cache's).")
+@click.option("--data-root", default=None, help="Dataset directory.")
+@click.option("--epochs", default=8, type=int, help="Epochs per run.")
+@click.option("--batch-size", default=64, type=int, help="Batch size.")
+@click.option("--lr", default=0.05, type=float, help="Learning rate.")
+@click.option("--weight-decay", default=5e-4, type=float, help="Weight decay.")
+@click.option("--schedule", default="cosine", help="step, cosine, constant.")
+@click.option("--device", default="cpu", help="Device of every run.")
+@click.option("--set", "sets", multiple=True, help="Any other distill field, NAME=JSON.")
+def study(**kw) -> None:
+    """Train losses x seeds (x grids x students) from one cache, then a paired-test report."""
+    from distill.study import StudySpec, parse_grid, parse_seeds, run_study
+
+    base = {k: kw.pop(k) for k in ("dataset", "data_root", "epochs", "batch_size", "lr")}
+    base.update({k: kw.pop(k) for k in ("weight_decay", "schedule", "device")})
+    base.update(_hparams(kw.pop("sets")))
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    pairs = [tuple(p.split(":", 1)) for p in split(kw.pop("compare"))]
+    if any(len(p) != 2 for p in pairs):
+        raise click.BadParameter("expected A:B pairs", param_hint="--compare")
+    lc = [tuple(p.split("=", 1)) for p in kw.pop("loss_cache")]
+    if any(len(p) != 2 for p in lc):
+        raise click.BadParameter("expected LOSS=PATH", param_hint="--loss-cache")
+    spec = StudySpec(
+        out=kw["out"], losses=split(kw["losses"]), seeds=parse_seeds(kw["seeds"]),
+        students=split(kw["students"]), cache=kw["cache"], loss_cache=dict(lc),
+        hparam_grid=parse_grid(kw["hparam"]),
+        baseline=kw["baseline"], compare=pairs, jobs=kw["jobs"], name=kw["name"], distill=base,
+    )  # fmt: skip
+    r = run_study(spec)
+    click.echo(r["markdown"], nl=False)
+    click.echo(f"{r['runs']} runs in the report -> {kw['out']}/{kw['name']}.md")
+
+
 @main.group(context_settings=CONTEXT)
 def cache() -> None:
     """Inspect, check and share caches (paths or URLs: s3://, https://, file://)."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from distill.hparams import check_values, domain_of
+from distill.hparams import is_real as _real
 
 LossFn = Callable[[Tensor, "Tensor | None", Tensor], dict[str, Tensor]]
 
@@ -109,9 +111,24 @@ def _lsr_os_tc(s: Tensor, t: Tensor | None, y: Tensor, *, T: float, alpha: float
     return _lsr_os_c(s, y, c, T, alpha)
 
 
+def knowledge_adjust(logits: Tensor, labels: Tensor) -> Tensor:
+    """Knowledge Adjustment (MrKD journal version): where a historical copy ranks a wrong class
+    first, swap its ground-truth logit with its arg-max logit, so the true class ranks first
+    and the copy's other "dark knowledge" is kept. Rows already right are untouched."""
+    top = logits.argmax(1)
+    rows = (top != labels).nonzero().squeeze(1)
+    out = logits.clone()
+    if rows.numel():
+        y, a = labels[rows], top[rows]
+        out[rows, y] = logits[rows, a]
+        out[rows, a] = logits[rows, y]
+    return out
+
+
 def _mrkd(s: Tensor, t: Tensor, y: Tensor, *, T: float, alpha: float, ce_weight: float, **_: Any):
-    """Memory-replay KD: plain KD against the mean logits of the student's M frozen historical
-    copies. M and interval (steps between refreshes; None = one epoch) belong to the loop."""
+    """Memory-replay KD: KD against the mean logits of the student's frozen historical copies
+    (each Knowledge-Adjusted when ka). M, interval, warmup and ka belong to the teacher
+    (`distill.teachers.MrKDTeacher`); before the first copy exists the loop trains plain CE."""
     return _kd(s, t, y, T=T, alpha=alpha, ce_weight=ce_weight)
 
 
@@ -126,6 +143,8 @@ class LossDef:
 
 
 _KD = {"T": 4.0, "alpha": 0.9, "ce_weight": 0.1}
+_MRKD = {"T": 4.0, "alpha": 0.3, "ce_weight": 1.0}
+_MRKD.update({"M": 2, "interval": None, "warmup": 0, "ka": True})
 LOSSES: dict[str, LossDef] = {
     "ce": LossDef(_ce, {}, False, False),
     "kd": LossDef(_kd, dict(_KD), True, True),
@@ -140,29 +159,10 @@ LOSSES: dict[str, LossDef] = {
     "tfkd-self": LossDef(_tfkd_self, {"T": 6.0, "alpha": 0.95, "multiplier": 50.0}, True, True),
     "lsr-os": LossDef(_lsr_os, {"T": 4.0, "alpha": 0.1}, False, False),
     "lsr-os-tc": LossDef(_lsr_os_tc, {"T": 4.0, "alpha": 0.1, "c": 0.2}, False, False),
-    "mrkd": LossDef(_mrkd, {**_KD, "M": 2, "interval": None}, True, False),
+    # MrKD defaults are a reconstruction (README "MrKD"): CE at full weight, copies refreshed at
+    # every epoch end, Knowledge Adjustment on, KD only once the first copy exists.
+    "mrkd": LossDef(_mrkd, dict(_MRKD), True, False),
 }
-
-# Value checks shared by every loss that has the key: (predicate, what is expected).
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "T": (lambda v: _real(v) and v > 0, "a number > 0"),
-    "alpha": (lambda v: _real(v) and v >= 0, "a number >= 0"),
-    "ce_weight": (lambda v: _real(v) and v >= 0, "a number >= 0"),
-    "multiplier": (lambda v: _real(v) and v >= 0, "a number >= 0"),
-    "eps": (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "correct_prob": (lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
-    "c": (lambda v: _real(v) and 0 < v < 1, "a number in (1/K, 1)"),
-    "M": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "interval": (lambda v: v is None or (_int(v) and v >= 1), "None (one epoch) or an int >= 1"),
-}
-
-
-def _real(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _lookup(name: str) -> LossDef:
@@ -186,6 +186,23 @@ def loss_defaults(name: str) -> dict[str, Any]:
     return dict(_lookup(name).defaults)
 
 
+def loss_hparams(name: str) -> list[dict[str, Any]]:
+    """Each hyper-parameter of a loss as {name, default, domain} (for `list losses`)."""
+    return [
+        {"name": k, "default": v, "domain": domain_of(k, v).text}
+        for k, v in _lookup(name).defaults.items()
+    ]
+
+
+def check_hparams(
+    name: str, hparams: dict[str, Any], num_classes: int | None = None
+) -> dict[str, Any]:
+    """Resolve a loss's hyper-parameters (defaults + given) and check each against its domain
+    (K-dependent ones, like lsr-os-tc's c > 1/K, once num_classes is known). Call it before a
+    run writes anything; raises ValueError naming the value and what is expected."""
+    return check_values(name, _lookup(name).defaults, hparams, num_classes)
+
+
 def _prepare(s: Tensor, t: Tensor | None, y: Tensor, name: str, needs_teacher: bool):
     """Validate shapes; upcast to >= float32 (keeps float64 for gradcheck); detach the teacher."""
     if s.ndim != 2 or s.shape[1] < 2:
@@ -205,16 +222,7 @@ def _prepare(s: Tensor, t: Tensor | None, y: Tensor, name: str, needs_teacher: b
 def get_loss(name: str, **hparams: Any) -> LossFn:
     """Bind a registered loss to its hyper-parameters (defaults for the ones not given)."""
     d = _lookup(name)
-    bad = sorted(set(hparams) - set(d.defaults))
-    if bad:
-        accepted = ", ".join(sorted(d.defaults)) or "none"
-        raise ValueError(f"loss {name!r}: unknown hyper-parameter {bad[0]!r}; accepted: {accepted}")
-    hp = {**d.defaults, **hparams}
-    for key, value in hp.items():
-        ok, expected = _CHECKS[key]
-        if not ok(value):
-            raise ValueError(f"loss {name!r}: {key}={value!r}, expected {expected}")
-    hp = {k: float(v) if _real(v) and k not in ("M", "interval") else v for k, v in hp.items()}
+    hp = check_hparams(name, hparams)
 
     def loss_fn(student: Tensor, teacher: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
         s, t, y = _prepare(student, teacher, labels, name, d.needs_teacher)

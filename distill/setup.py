@@ -6,6 +6,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cache.errors import KdcacheError
@@ -40,6 +41,16 @@ def _loss(cfg: DistillConfig):
     except ValueError as e:
         raise KdcacheError(str(e)) from None
     return fn, needs, {**defaults, **hp}
+
+
+def _check_hparams(cfg: DistillConfig, num_classes: int) -> None:
+    """Domains that need K (lsr-os-tc: c > 1/K), before any file is written."""
+    from distill.losses import check_hparams
+
+    try:
+        check_hparams(cfg.loss, dict(cfg.hparams), num_classes)
+    except ValueError as e:
+        raise KdcacheError(str(e)) from None
 
 
 def _tokenize(ds, info: dict, max_length: int | None = None):
@@ -121,6 +132,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
                 raise
             raise KdcacheError(f"{e} (--test-split SPLIT, or none to skip evaluation)") from None
     num_classes = cfg.num_classes or train.num_classes
+    _check_hparams(cfg, num_classes)
     model, info = create_model(
         cfg.student, num_classes=num_classes, pretrained=cfg.pretrained, weights=cfg.weights
     )
@@ -165,11 +177,12 @@ def build_run(cfg: DistillConfig, rt) -> Run:
     policy = _policy(cfg, cache0, info, train, tok)
     mrkd, live = None, online
     if cfg.loss == "mrkd":
-        steps = max(1, len(train) // cfg.batch_size)
-        mrkd = live = MrKDTeacher(int(hp.get("M", 2)), int(hp.get("interval") or steps))
-        if teacher is not None:
-            teacher = None  # MrKD's teacher is the student's history; the cache gives views
-            log.warning("--loss mrkd ignores the cached logits (uses the cache's views only)")
+        mrkd = live = MrKDTeacher(
+            int(hp["M"]), hp["interval"], warmup=int(hp["warmup"]), adjust=bool(hp["ka"]),
+            labels=_row_labels(train, teacher),
+        )  # fmt: skip
+        if teacher is not None:  # the cache still gives the views, as for every other loss
+            log.info("--loss mrkd: the cache gives the views; the teacher is the student's history")
     elif not needs_teacher and teacher is not None:
         log.info("--loss %s uses no teacher logits; the cache provides the views", cfg.loss)
     reg_fn = None
@@ -197,6 +210,13 @@ def _check_teacher_options(cfg: DistillConfig) -> None:
         )
     if cfg.teacher and cfg.loss == "mrkd":
         raise KdcacheError("--loss mrkd distills from the student's own history; drop --teacher")
+
+
+def _row_labels(train, teacher) -> np.ndarray:
+    """Labels indexed like the loop's rows: a cache may store its rows permuted."""
+    labels = np.asarray(train.labels, dtype=np.int64)
+    rows = getattr(teacher, "rows", None)
+    return labels if rows is None else labels[np.asarray(rows, dtype=np.int64)]
 
 
 def _ignore_teacher(fn):

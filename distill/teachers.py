@@ -201,38 +201,81 @@ class OnlineTeacher:
 
 
 class MrKDTeacher:
-    """The mean logits of the student's M frozen historical copies (no cache needed)."""
+    """MrKD's teacher: the mean logits of the student's last M frozen copies (no cache).
+
+    Copies are taken at refresh points: the end of every epoch (`interval` None, the default)
+    or every `interval` optimizer steps, but none during the first `warmup` epochs. Until the
+    first copy exists `logits` returns None and the loss falls back to plain CE, so the KD term
+    never pins the student to its random init. With `adjust` (Knowledge Adjustment) each copy's
+    output is corrected so the ground-truth class ranks first before the copies are averaged.
+    """
 
     needs_views = True
 
-    def __init__(self, copies: int, interval: int) -> None:
-        if copies < 1 or interval < 1:
-            raise KdcacheError(f"mrkd needs M >= 1 and interval >= 1 (got {copies}, {interval})")
-        self.copies_max, self.interval = copies, interval
+    def __init__(
+        self,
+        copies: int,
+        interval: int | None = None,
+        *,
+        warmup: int = 0,
+        adjust: bool = True,
+        labels=None,
+    ) -> None:
+        if copies < 1 or (interval is not None and interval < 1) or warmup < 0:
+            raise KdcacheError(
+                f"mrkd needs M >= 1, interval >= 1 or null, warmup >= 0 "
+                f"(got M={copies}, interval={interval}, warmup={warmup})"
+            )
+        if adjust and labels is None:
+            raise KdcacheError("mrkd Knowledge Adjustment needs the training labels")
+        self.copies_max, self.interval, self.warmup, self.adjust = copies, interval, warmup, adjust
+        self.labels = None
+        if labels is not None:
+            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.copies: list[torch.nn.Module] = []
+        self.epochs_done = 0
+
+    def _snapshot(self, student: torch.nn.Module) -> None:
+        snap = copy.deepcopy(student).eval()
+        for p in snap.parameters():
+            p.requires_grad_(False)
+        self.copies = (self.copies + [snap])[-self.copies_max :]
 
     def maybe_snapshot(self, student: torch.nn.Module, step: int) -> None:
-        """Every `interval` steps the current student joins the frozen queue."""
-        if step > 0 and step % self.interval == 0:
-            snap = copy.deepcopy(student).eval()
-            for p in snap.parameters():
-                p.requires_grad_(False)
-            self.copies = (self.copies + [snap])[-self.copies_max :]
+        """Step mode: every `interval` steps (after the warm-up epochs) a copy joins the queue."""
+        if self.interval is not None and self.epochs_done >= self.warmup:
+            if step > 0 and step % self.interval == 0:
+                self._snapshot(student)
+
+    def end_epoch(self, student: torch.nn.Module, epoch: int) -> None:
+        """Called once the last batch of `epoch` (the partial one included) has been trained."""
+        self.epochs_done = epoch + 1
+        if self.interval is None and self.epochs_done > self.warmup:
+            self._snapshot(student)
 
     @torch.no_grad()
     def logits(self, samples, augs, views) -> torch.Tensor | None:
+        from distill.losses import knowledge_adjust
         from models.runtime import forward
 
         if not self.copies:
             return None
-        return torch.stack([forward(m, views).float() for m in self.copies]).mean(0)
+        outs = [forward(m, views).float() for m in self.copies]
+        if self.adjust:
+            y = self.labels[torch.as_tensor(np.asarray(samples), dtype=torch.long)]
+            outs = [knowledge_adjust(z, y.to(z.device)) for z in outs]
+        return torch.stack(outs).mean(0)
 
-    def state(self) -> list[dict]:
-        return [m.state_dict() for m in self.copies]
+    def state(self) -> dict:
+        return {"copies": [m.state_dict() for m in self.copies], "epochs_done": self.epochs_done}
 
-    def load_state(self, student: torch.nn.Module, states: list[dict]) -> None:
+    def load_state(self, student: torch.nn.Module, state: dict | list) -> None:
+        """Restore the copies (and the epoch count; an old checkpoint stored only the list)."""
+        if isinstance(state, list):
+            state = {"copies": state, "epochs_done": self.epochs_done}
+        self.epochs_done = int(state.get("epochs_done", 0))
         self.copies = []
-        for sd in states:
+        for sd in state.get("copies", []):
             snap = copy.deepcopy(student).eval()
             snap.load_state_dict(sd)
             for p in snap.parameters():

@@ -158,6 +158,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
             progress=inner.progress,
         )
         inner.close()
+        if r.mrkd is not None:  # MrKD refreshes its copies on the true epoch boundary
+            r.mrkd.end_epoch(model, epoch)
         stop = cfg.max_steps is not None and step >= cfg.max_steps
         last = stop or epoch + 1 == cfg.epochs
         # the next epoch's batches are made (prefetch thread) while this one is evaluated

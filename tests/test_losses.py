@@ -9,11 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cache.errors import KdcacheError
 from distill.losses import (
     LOSSES,
+    check_hparams,
     combine_teachers,
     get_loss,
+    knowledge_adjust,
     loss_defaults,
+    loss_hparams,
     loss_needs_cache,
     loss_needs_teacher,
     regularization_samples,
@@ -182,13 +186,17 @@ def test_tfkd_self_value():
 
 
 def test_mrkd_is_kd_on_given_logits():
-    assert val(run("mrkd", M=3, interval=100, T=2.0)) == pytest.approx(val(run("kd", T=2.0)))
+    assert val(run("mrkd", M=3, interval=100, T=2.0, alpha=0.9, ce_weight=0.1)) == pytest.approx(
+        val(run("kd", T=2.0))
+    )
     assert loss_defaults("mrkd") == {
         "T": 4.0,
-        "alpha": 0.9,
-        "ce_weight": 0.1,
+        "alpha": 0.3,
+        "ce_weight": 1.0,
         "M": 2,
         "interval": None,
+        "warmup": 0,
+        "ka": True,
     }
     with pytest.raises(ValueError, match="M=0"):
         get_loss("mrkd", M=0)
@@ -294,3 +302,144 @@ def test_regularization_samples_hand_case():
     assert got == {"count": count, "fraction": count / 3, "n": 3}
     with pytest.raises(ValueError, match="T="):
         regularization_samples(s, t, y, T=0)
+
+
+def test_knowledge_adjustment_on_a_hand_made_batch():
+    z = torch.tensor([[1.0, 5.0, 2.0], [3.0, 1.0, 0.0], [0.0, 2.0, 7.0], [4.0, 4.5, 9.0]])
+    y = torch.tensor([0, 0, 1, 2])
+    out = knowledge_adjust(z, y)
+    want = [[5.0, 1.0, 2.0], [3.0, 1.0, 0.0], [0.0, 7.0, 2.0], [4.0, 4.5, 9.0]]
+    assert out.tolist() == want  # wrong rows: true and arg-max logits swapped; right rows kept
+    assert (out.argmax(1) == y).all()
+    assert z[0].tolist() == [1.0, 5.0, 2.0]  # the input is not modified
+
+
+def _tiny_student():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
+def test_mrkd_teacher_schedule_and_adjusted_ensemble():
+    from distill.teachers import MrKDTeacher
+
+    model = _tiny_student()
+    labels = np.array([0, 1, 2, 0])
+    x = torch.randn(4, 4)
+    t = MrKDTeacher(2, None, warmup=1, labels=labels)
+    for step in range(1, 10):
+        t.maybe_snapshot(model, step)  # epoch mode: steps never take a copy
+    t.end_epoch(model, 0)
+    assert t.logits(np.arange(4), None, x) is None  # warm-up epoch: no copy, KD stays off
+    t.end_epoch(model, 1)
+    assert len(t.copies) == 1
+    with torch.no_grad():
+        model[1].bias += 1.0
+    t.end_epoch(model, 2)
+    t.end_epoch(model, 3)
+    assert len(t.copies) == 2  # the last M copies only
+    raw = [model(x) for _ in range(2)]
+    got = t.logits(np.arange(4), None, x)
+    want = torch.stack([knowledge_adjust(r, torch.as_tensor(labels)) for r in raw]).mean(0)
+    assert torch.allclose(got, want) and (got.argmax(1) == torch.as_tensor(labels)).all()
+    plain = MrKDTeacher(2, None, adjust=False)
+    plain.end_epoch(model, 0)
+    assert torch.allclose(plain.logits(np.arange(4), None, x), model(x))
+    steps = MrKDTeacher(3, 2, labels=labels)
+    for step in range(1, 6):
+        steps.maybe_snapshot(model, step)
+    assert len(steps.copies) == 2  # steps 2 and 4
+    state = t.state()
+    back = MrKDTeacher(2, None, labels=labels)
+    back.load_state(model, state)
+    assert back.epochs_done == 4 and len(back.copies) == 2
+    with pytest.raises(KdcacheError, match="M=0"):
+        MrKDTeacher(0)
+
+
+def test_mrkd_copy_is_taken_at_the_true_epoch_boundary(tmp_path):
+    """50 samples, batch 16: 4 steps per epoch, the last one partial. The copy must be the
+    student after all 4 (N // batch = 3 was one step short), and epoch 0 must be plain CE."""
+    import json
+
+    from tests.clitools import cli
+
+    out = tmp_path / "mrkd"
+    cli(
+        "distill", "--student", "resnet8", "--loss", "mrkd", "--dataset", "digits",
+        "--max-samples", "50", "--batch-size", "16", "--epochs", "2", "--no-plots",
+        "--schedule", "constant", "--out", out,
+    )  # fmt: skip
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "teacher_train_acc" not in recs[0]  # no copy during epoch 0: KD off
+    assert "teacher_train_acc" in recs[1] and recs[1]["step"] == 8
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["mrkd"]["epochs_done"] == 2 and len(ck["mrkd"]["copies"]) == 2
+    last = ck["mrkd"]["copies"][-1]
+    assert all(torch.equal(last[k], ck["model"][k]) for k in last)
+
+
+def test_hparam_domains_are_checked_up_front():
+    with pytest.raises(ValueError, match=r"c=0.05 .*\(0.1, 1\) for K=10"):
+        check_hparams("lsr-os-tc", {"c": 0.05}, num_classes=10)
+    assert check_hparams("lsr-os-tc", {"c": 0.3}, num_classes=10)["c"] == 0.3
+    bad = [
+        ("kd", {"T": 0}), ("kd", {"alpha": -1}), ("wsl", {"T": "x"}), ("lsr", {"eps": 1.5}),
+        ("mrkd", {"warmup": -1}), ("mrkd", {"ka": 1}), ("mrkd", {"interval": 0}),
+        ("tfkd-reg", {"correct_prob": 1.0}),
+    ]  # fmt: skip
+    for loss, hp in bad:
+        with pytest.raises(ValueError, match=f"{next(iter(hp))}="):
+            check_hparams(loss, hp)
+    # a new hyper-parameter missing from the domain table: inferred from its default, no KeyError
+    fn = lambda s, t, y, **h: {"loss": s.sum()}  # noqa: E731
+    LOSSES["tmp-loss"] = LOSSES["ce"].__class__(fn, {"gamma": 0.5, "steps": 3}, False, False)
+    try:
+        assert check_hparams("tmp-loss", {"gamma": 2}) == {"gamma": 2.0, "steps": 3}
+        with pytest.raises(ValueError, match="steps=0.5.*an integer"):
+            check_hparams("tmp-loss", {"steps": 0.5})
+        assert {h["name"]: h["domain"] for h in loss_hparams("tmp-loss")} == {
+            "gamma": "a finite number",
+            "steps": "an integer",
+        }
+    finally:
+        del LOSSES["tmp-loss"]
+    hp = {h["name"]: h for h in loss_hparams("lsr-os-tc")}
+    assert hp["c"] == {"name": "c", "default": 0.2, "domain": "a number in (1/K, 1)"}
+    assert all(loss_hparams(n) is not None for n in LOSSES)
+
+
+def test_bad_hparam_is_one_error_line_before_out_exists(tmp_path):
+    from tests.clitools import cli
+
+    out = tmp_path / "never"
+    res = cli(
+        "distill", "--student", "resnet8", "--loss", "lsr-os-tc", "--hparam", "c=0.05",
+        "--max-samples", "16", "--out", out, ok=False,
+    )  # fmt: skip
+    assert res.exit_code == 2 and not out.exists()
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "c=0.05" in lines[0]
+
+
+def test_mrkd_with_a_cache_trains_on_the_cached_views(tmp_path):
+    """Every loss of a study sees the same views: MrKD ignores the cached logits, not the views."""
+    from distill.config import DistillConfig
+    from distill.setup import build_run
+    from models.factory import create_model
+    from models.runtime import init_runtime
+    from tests.clitools import cli
+
+    torch.manual_seed(0)
+    model, _ = create_model("resnet8", num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    cache = tmp_path / "c.zarr"
+    cli(
+        "precompute", "--teacher", "resnet8", "--weights", tmp_path / "w.pt", "--dataset",
+        "digits", "--max-samples", "16", "--num-augs", "2", "--chunk-samples", "16", "--out", cache,
+    )  # fmt: skip
+    cfg = DistillConfig(
+        student="resnet8", loss="mrkd", caches=[str(cache)], max_samples=16, test_split="none"
+    )
+    r = build_run(cfg, init_runtime("cpu"))
+    assert r.teacher is not None and r.teacher.num_augs == 2  # the views come from the cache
+    assert r.live_teacher is r.mrkd and r.mrkd.interval is None and r.mrkd.adjust

@@ -1,0 +1,249 @@
+"""`kdcache study`: many students from one cache — losses × seeds (× hparam grids × students).
+
+A cache makes a student cheap (no teacher forward), so the honest way to compare methods is
+many seeds per method, paired by seed, with a test that says whether a gap is beyond noise.
+Every run is an ordinary `distill` run in its own process (`distill.study_worker`), with its
+planned config in `OUT/runs/<student>/<variant>/seed<k>/run.json`; `result.json` is written
+last, so a rerun of the same study skips finished runs and resumes a killed one from its
+`last.pt`. The report (`distill.study_stats`) is rebuilt from the result files every time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cache.errors import KdcacheError
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class StudySpec:
+    """What `kdcache study` trains and how it reports."""
+
+    out: str
+    losses: list[str]
+    seeds: list[int]
+    students: list[str] = field(default_factory=lambda: ["resnet8"])
+    cache: str | None = None
+    loss_cache: dict[str, str] = field(default_factory=dict)  # loss -> its own cache
+    hparam_grid: dict[str, dict[str, list]] = field(default_factory=dict)  # loss|"*" -> grid
+    baseline: str | None = None  # a variant label; default: the first loss
+    compare: list[tuple[str, str]] = field(default_factory=list)  # extra (a, b) pairs
+    jobs: int = 0  # 0: one per core
+    name: str = "study"
+    distill: dict = field(default_factory=dict)  # DistillConfig fields shared by all runs
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    student: str
+    variant: str  # loss, or loss[k=v,...] for a grid point
+    loss: str
+    hparams: dict
+    seed: int
+    dir: Path
+
+    @property
+    def result(self) -> Path:
+        return self.dir / "result.json"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-9' or '0,3,5' or '0-4,10' -> sorted unique seeds."""
+    seeds: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                seeds.update(range(int(lo), int(hi) + 1))
+            elif part:
+                seeds.add(int(part))
+    except ValueError:
+        raise KdcacheError(f"--seeds {text!r}: expected e.g. 0-9 or 0,1,2") from None
+    if not seeds or min(seeds) < 0:
+        raise KdcacheError(f"--seeds {text!r}: expected non-negative seeds, e.g. 0-9 or 0,1,2")
+    return sorted(seeds)
+
+
+def parse_grid(items: list[str]) -> dict[str, dict[str, list]]:
+    """`--hparam T=2,4` (every loss that has T) or `--hparam kd:T=2,4` (only kd) -> grids."""
+    grid: dict[str, dict[str, list]] = {}
+    for item in items:
+        scope, _, rest = item.rpartition(":") if ":" in item.split("=", 1)[0] else ("", "", item)
+        if "=" not in rest:
+            raise KdcacheError(f"--hparam {item!r}: expected [LOSS:]NAME=V1,V2,...")
+        key, values = rest.split("=", 1)
+        parsed = []
+        for v in values.split(","):
+            try:
+                parsed.append(json.loads(v))
+            except json.JSONDecodeError:
+                parsed.append(v)
+        grid.setdefault(scope or "*", {})[key.strip().replace("-", "_")] = parsed
+    return grid
+
+
+def variant_label(loss: str, hp: dict) -> str:
+    if not hp:
+        return loss
+    return loss + "[" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(hp.items())) + "]"
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label).strip("_")
+
+
+def plan(spec: StudySpec) -> list[PlannedRun]:
+    """Every (student, loss variant, seed) run, with hyper-parameters checked up front."""
+    from distill.losses import check_hparams, loss_defaults, loss_needs_cache
+
+    runs = []
+    unknown = set(spec.hparam_grid) - {"*"} - set(spec.losses)
+    if unknown:
+        raise KdcacheError(f"--hparam names loss {sorted(unknown)[0]!r}, not in --losses")
+    unknown = set(spec.loss_cache) - set(spec.losses)
+    if unknown:
+        raise KdcacheError(f"--loss-cache names loss {sorted(unknown)[0]!r}, not in --losses")
+    for loss in spec.losses:
+        try:
+            defaults = loss_defaults(loss)
+        except ValueError as e:
+            raise KdcacheError(f"--losses: {e}") from None
+        if loss_needs_cache(loss) and not spec.loss_cache.get(loss, spec.cache):
+            raise KdcacheError(f"--losses {loss} needs teacher logits: give --cache PATH")
+        grid = {k: v for k, v in spec.hparam_grid.get("*", {}).items() if k in defaults}
+        grid.update(spec.hparam_grid.get(loss, {}))
+        keys = sorted(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            hp = dict(zip(keys, combo, strict=True))
+            try:
+                check_hparams(loss, hp)
+            except ValueError as e:
+                raise KdcacheError(f"--hparam: {e}") from None
+            label = variant_label(loss, hp)
+            for student in spec.students:
+                for seed in spec.seeds:
+                    d = Path(spec.out) / "runs" / student / _slug(label) / f"seed{seed}"
+                    runs.append(PlannedRun(student, label, loss, hp, seed, d))
+    return runs
+
+
+def run_config(spec: StudySpec, r: PlannedRun) -> dict:
+    """The DistillConfig fields of one run (what `run.json` holds)."""
+    from distill.config import DistillConfig
+
+    base = dict(spec.distill)
+    base.update(
+        student=r.student,
+        loss=r.loss,
+        hparams=dict(r.hparams),
+        caches=[c] if (c := spec.loss_cache.get(r.loss, spec.cache)) else [],
+        seed=r.seed,
+        out=str(r.dir / "train"),
+        resume=False,
+        plots=False,
+    )
+    try:
+        return DistillConfig(**base).to_dict()
+    except TypeError as e:
+        raise KdcacheError(f"--set: {e}") from None
+
+
+def _pending(spec: StudySpec, runs: list[PlannedRun]) -> list[tuple[PlannedRun, dict]]:
+    """Runs without a result; refuses a finished run whose stored config differs."""
+    todo = []
+    for r in runs:
+        cfg = run_config(spec, r)
+        stored = r.dir / "run.json"
+        if stored.exists():
+            old = json.loads(stored.read_text())
+            if old != cfg:
+                diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+                raise KdcacheError(
+                    f"{r.dir} was planned with other settings ({', '.join(diff)} differ); "
+                    f"use another --out for a different study"
+                )
+            if r.result.exists():
+                continue
+        todo.append((r, cfg))
+    return todo
+
+
+def _launch(r: PlannedRun, cfg: dict, threads: int) -> tuple[PlannedRun, int]:
+    """One run in its own process; output to OUT/.../log.txt."""
+    r.dir.mkdir(parents=True, exist_ok=True)
+    tmp = r.dir / "run.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=1, sort_keys=True))
+    os.replace(tmp, r.dir / "run.json")
+    train = r.dir / "train"
+    if train.exists() and not (train / "last.pt").exists():
+        shutil.rmtree(train)  # killed before its first checkpoint: start it over
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "distill.study_worker", str(r.dir), str(threads)]
+    with open(r.dir / "log.txt", "w") as logf:
+        p = subprocess.run(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    return r, p.returncode
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_study(spec: StudySpec) -> dict:
+    """Train what is missing (in parallel), then write the report; returns its summary."""
+    from distill.study_stats import load_results, write_report
+
+    runs = plan(spec)
+    baseline = spec.baseline or variant_label(spec.losses[0], {})
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    for opt, name in [
+        ("--baseline", baseline),
+        *(("--compare", v) for p in spec.compare for v in p),
+    ]:
+        if name not in variants:
+            raise KdcacheError(
+                f"{opt} {name!r} is not a variant of this study: {', '.join(variants)}"
+            )
+    if spec.jobs < 0:
+        raise KdcacheError(f"--jobs {spec.jobs}: expected >= 0 (0: one per core)")
+    todo = _pending(spec, runs)
+    jobs = min(spec.jobs or cores(), max(1, len(todo)))
+    threads = max(1, cores() // jobs)
+    log.info(
+        "%d runs planned, %d to train, %d jobs x %d threads", len(runs), len(todo), jobs, threads
+    )
+    failed = []
+    if todo:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(_launch, r, cfg, threads) for r, cfg in todo]
+            for f in tqdm(futures, desc="study", unit="run", dynamic_ncols=True):
+                r, rc = f.result()
+                if rc != 0 or not r.result.exists():
+                    failed.append(r)
+    rows = load_results(runs)
+    report = write_report(rows, Path(spec.out), spec.name, baseline, spec.compare)
+    report.update(planned=len(runs), trained=len(todo) - len(failed), failed=len(failed))
+    if failed:
+        raise KdcacheError(
+            f"{len(failed)} of {len(todo)} runs failed (report written without them); "
+            f"first: {failed[0].dir / 'log.txt'}"
+        )
+    return report
