@@ -206,7 +206,7 @@ class CropFlip(ViewPolicyBase):
 
         ev = self.params.get("eval")
         x = eval_view(img, ev) if ev else TF.pil_to_tensor(img)
-        out = self._crop(x[None], torch.as_tensor(np.asarray(params, dtype=np.float32)))[0]
+        out = self._crop(x[None], torch.tensor(np.asarray(params, dtype=np.float32)))[0]
         size = self.params["size"]
         return out if size is None or ev else TF.resize(out, size, antialias=True)
 
