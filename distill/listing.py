@@ -29,6 +29,7 @@ def _losses() -> list[dict[str, Any]]:
         {
             "name": name,
             "teacher": "cache" if d.needs_cache else ("history" if d.needs_teacher else "none"),
+            "help": d.help,
             "hparams": loss_hparams(name),
         }
         for name, d in LOSSES.items()
@@ -91,7 +92,7 @@ def format_entries(kind: str, rows: list[dict[str, Any]]) -> str:
     lines: list[str] = []
     if kind == "losses":
         for r in rows:
-            lines.append(f"{r['name']:<11} teacher: {r['teacher']}")
+            lines.append(f"{r['name']:<11} {r['help']} (teacher: {r['teacher']})")
             for h in r["hparams"]:
                 lines.append(f"    {h['name']:<11} default {h['default']!r:<8} {h['domain']}")
     elif kind == "models":

@@ -140,28 +140,46 @@ class LossDef:
     defaults: dict[str, Any]
     needs_teacher: bool  # the fn must be given teacher logits
     needs_cache: bool  # those logits come from a teacher cache (mrkd: from the loop instead)
+    help: str = ""  # one line for `kdcache list losses`
 
 
 _KD = {"T": 4.0, "alpha": 0.9, "ce_weight": 0.1}
 _MRKD = {"T": 4.0, "alpha": 0.3, "ce_weight": 1.0}
 _MRKD.update({"M": 2, "interval": None, "warmup": 0, "ka": True})
 LOSSES: dict[str, LossDef] = {
-    "ce": LossDef(_ce, {}, False, False),
-    "kd": LossDef(_kd, dict(_KD), True, True),
-    "wsl": LossDef(_wsl, {"T": 4.0, "alpha": 2.25}, True, True),
-    "lsr": LossDef(_lsr, {"eps": 0.1}, False, False),
+    "ce": LossDef(_ce, {}, False, False, "cross-entropy with the labels (no teacher)"),
+    "kd": LossDef(_kd, dict(_KD), True, True, "Hinton KD: ce_weight*CE + alpha*T^2*KL"),
+    "wsl": LossDef(
+        _wsl, {"T": 4.0, "alpha": 2.25}, True, True, "weighted soft labels (Zhou et al. 2021)"
+    ),
+    "lsr": LossDef(_lsr, {"eps": 0.1}, False, False, "label smoothing regularization"),
     "tfkd-reg": LossDef(
         _tfkd_reg,
         {"T": 20.0, "alpha": 0.1, "multiplier": 100.0, "correct_prob": 0.99},
         False,
         False,
+        "Tf-KD with a designed teacher (0.99 on the label)",
     ),
-    "tfkd-self": LossDef(_tfkd_self, {"T": 6.0, "alpha": 0.95, "multiplier": 50.0}, True, True),
-    "lsr-os": LossDef(_lsr_os, {"T": 4.0, "alpha": 0.1}, False, False),
-    "lsr-os-tc": LossDef(_lsr_os_tc, {"T": 4.0, "alpha": 0.1, "c": 0.2}, False, False),
+    "tfkd-self": LossDef(
+        _tfkd_self,
+        {"T": 6.0, "alpha": 0.95, "multiplier": 50.0},
+        True,
+        True,
+        "Tf-KD from a cached pre-trained copy of the student",
+    ),  # fmt: skip
+    "lsr-os": LossDef(
+        _lsr_os, {"T": 4.0, "alpha": 0.1}, False, False, "output smoothing (uniform teacher)"
+    ),
+    "lsr-os-tc": LossDef(
+        _lsr_os_tc,
+        {"T": 4.0, "alpha": 0.1, "c": 0.2},
+        False,
+        False,
+        "output smoothing with teacher correction (c on the label)",
+    ),  # fmt: skip
     # MrKD defaults are a reconstruction (README "MrKD"): CE at full weight, copies refreshed at
     # every epoch end, Knowledge Adjustment on, KD only once the first copy exists.
-    "mrkd": LossDef(_mrkd, dict(_MRKD), True, False),
+    "mrkd": LossDef(_mrkd, dict(_MRKD), True, False, "KD from the student's own historical copies"),
 }
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cache.errors import KdcacheError
+from cache.registry import registry_decorator
 from models.cifar_zoo import CIFAR100_MEAN, CIFAR100_STD, CIFAR_MODELS, create_cifar_model
 from models.weights import (
     first_line,
@@ -153,18 +154,8 @@ def _create(name, source_key, num_classes, pretrained, state, weights, init_seed
 
 
 MODEL_SOURCES: dict = {}
-
-
-def register_model_source(name: str, help: str):  # noqa: A002 - mirrors click's help=
-    """The registry idiom of ``data.base`` (timm ``register_model`` style) for model sources:
-    the class gets ``help``; ``matches(name)`` and ``resolve(name) -> (source, arch)``."""
-
-    def deco(cls):
-        cls.help = help
-        MODEL_SOURCES[name] = cls
-        return cls
-
-    return deco
+# the registry idiom of cache/registry.py; each source class: matches(name), resolve(name)
+register_model_source = registry_decorator(MODEL_SOURCES, "model source")
 
 
 @register_model_source("tv:", help="tv:NAME, a torchvision classification model (tv:resnet18)")
