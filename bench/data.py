@@ -174,14 +174,15 @@ def main() -> None:
     for n in a.sizes:
         root = _folder(work, n)
         out = work / f"c{n}.zarr"
-        pre = run_child("precompute", "precompute", "--teacher", a.teacher, "--dataset",
+        pre = run_child("precompute", "precompute", "--teacher", a.teacher, "--random-init",
+                        "--dataset",
                         "imagefolder", "--data-root", root, "--augment", "rrc-flip",
                         "--num-augs", "1", "--image-size", "224", "--workers", "2",
                         "--batch-size", a.batch_size, "--out", out, "--overwrite")  # fmt: skip
         dis = run_child("distill", "distill", "--student", a.teacher, "--loss", "kd", "--cache",
                         out, "--dataset", "imagefolder", "--data-root", root, "--test-split",
                         "none", "--epochs", "1", "--batch-size", a.batch_size, "--workers", "2",
-                        "--no-plots", "--out", work / f"run{n}")  # fmt: skip
+                        "--no-plots", "--overwrite", "--out", work / f"run{n}")  # fmt: skip
         bare = run_child("bare-forward", n, a.batch_size, a.teacher)
         rows.append((n, pre, dis, bare))
     dec = run_child("decode", _folder(work, a.sizes[0]))

@@ -30,13 +30,9 @@ def check_options(cfg) -> None:
     if cfg.ema and not 0.0 < cfg.ema_decay < 1.0:
         raise KdcacheError(f"--ema-decay {cfg.ema_decay} must lie in (0, 1)")
     if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise KdcacheError(
-                "--tensorboard needs the tensorboard package: pip install tensorboard "
-                "(or the kdcache[tensorboard] extra)"
-            ) from None
+        from distill.steplog import require_tensorboard
+
+        require_tensorboard()
 
 
 def place_on_device(r, device: torch.device, budget_fraction: float = 0.25) -> None:

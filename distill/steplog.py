@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 _COUNTS = ("n", "n_teacher", "correct", "teacher_correct", "reg_count", "seconds")
 
 
-def open_tensorboard(out: Path):
-    """A SummaryWriter under OUT/tb; a clear error when the optional package is missing."""
+def require_tensorboard():
+    """SummaryWriter; a clear one-line error when the optional package is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -24,7 +24,12 @@ def open_tensorboard(out: Path):
             "--tensorboard needs the tensorboard package: pip install tensorboard "
             "(or the kdcache[tensorboard] extra)"
         ) from None
-    return SummaryWriter(log_dir=str(Path(out) / "tb"))
+    return SummaryWriter
+
+
+def open_tensorboard(out: Path):
+    """A SummaryWriter under OUT/tb."""
+    return require_tensorboard()(log_dir=str(Path(out) / "tb"))
 
 
 def interval_row(epoch: int, step: int, lr: float, cur: dict, prev: dict) -> dict:
