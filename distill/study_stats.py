@@ -34,13 +34,15 @@ def load_results(runs) -> list[dict]:
 
 
 def summarize(rows: list[dict], metric: str = METRIC) -> list[dict]:
-    """Per (student, variant), in first-seen order: n, mean, std (n−1), min, max."""
+    """Per (student, variant), grouped by student, in first-seen order: n, mean, std (n−1),
+    min, max."""
     groups: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         if metric in r:
             groups.setdefault((r["student"], r["variant"]), []).append(float(r[metric]))
+    students = list(dict.fromkeys(s for s, _ in groups))
     out = []
-    for (student, variant), vals in groups.items():
+    for (student, variant), vals in sorted(groups.items(), key=lambda g: students.index(g[0][0])):
         a = np.asarray(vals)
         out.append(
             {

@@ -42,6 +42,10 @@ def test_summary_and_paired_tests_on_known_values():
     same = paired(fake_rows(), "wsl", "ce", "r8")
     assert same["p_ttest"] == 1.0 and same["p_wilcoxon"] == 1.0 and same["ties"] == 5
     assert paired(fake_rows(), "kd", "ce", "other-student") is None
+    two = fake_rows() + [{**r, "student": "r14"} for r in fake_rows()[:5]]
+    assert [(x["student"], x["variant"]) for x in summarize(two[5:] + two[:5])] == [
+        ("r8", "kd"), ("r8", "wsl"), ("r8", "ce"), ("r14", "ce")
+    ]  # fmt: skip
     comps = comparisons(fake_rows(), "ce", [("kd", "wsl")])
     assert [(x["a"], x["b"]) for x in comps] == [("kd", "ce"), ("wsl", "ce"), ("kd", "wsl")]
 
