@@ -17,22 +17,13 @@ import shutil
 import time
 
 from cache import remote
+from cache.lock import pid_alive
 
 log = logging.getLogger(__name__)
 
 _ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _PID_TMP = re.compile(r"\.tmp-(\d+)(?:-[0-9a-f]+)?$")
 LOCK_TMP_AGE_S = 60.0  # a lock file's temporary lives for microseconds
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _remove(path: str) -> None:
@@ -61,7 +52,7 @@ def dead_pid_temps(path: str) -> list[str]:
         if not name.startswith(base + ".tmp-"):
             continue
         m = _PID_TMP.search(name[len(base) :])
-        if m and m.start() == 0 and not _pid_alive(int(m.group(1))):
+        if m and m.start() == 0 and not pid_alive(int(m.group(1))):
             _remove(os.path.join(folder, name))
             removed.append(os.path.join(folder, name))
     return removed

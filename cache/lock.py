@@ -113,7 +113,8 @@ def read_lock(path: str, storage_options: dict | None = None) -> dict | None:
         return {"user": "?", "host": "?", "pid": -1, "time": "?", "unreadable": True}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a pid no process can have: no)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -131,7 +132,7 @@ def is_stale(record: dict) -> bool:
         return False
     pid = record.get("pid")
     return (
-        record.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+        record.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
+import os
 import platform
 import re
 from dataclasses import dataclass
@@ -285,7 +286,8 @@ def _check_writable(path: Path) -> None:
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".kdcache-probe-{platform.node()}"
+        # a name of our own: torchrun ranks on one host probe the same folder at once
+        probe = parent / f".kdcache-probe-{platform.node()}-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

@@ -11,27 +11,8 @@ import torch
 from cache.store import open_cache
 from tests.clitools import cli
 from tests.datatools import make_jpeg_folder
-
-
-def _weights(tmp_path, arch: str, n: int) -> str:
-    from models.factory import create_model
-
-    torch.manual_seed(0)
-    model, _ = create_model(arch, num_classes=n)
-    path = tmp_path / f"{arch}.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-def _arrays(path) -> dict:
-    with open_cache(str(path)) as c:
-        return {
-            "logits": c.read_chunk_raw(0) if c.n_chunks == 1 else np.concatenate(
-                [c.read_chunk_raw(i) for i in range(c.n_chunks)]),
-            "params": c.view_params(),
-            "keys": c.keys(),
-            "labels": c.labels(),
-        }  # fmt: skip
+from tests.test_precompute import _arrays
+from tests.test_precompute import _save_weights as _weights
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +32,8 @@ def test_same_bytes_for_any_workers_batch_size_and_resume(tmp_path, folder):
     w = _weights(tmp_path, "resnet8", 3)
     _precompute(folder, tmp_path / "a.zarr", w, "--workers", "0", "--batch-size", "3")
     _precompute(folder, tmp_path / "b.zarr", w, "--workers", "2", "--batch-size", "8")
-    a, b = _arrays(tmp_path / "a.zarr"), _arrays(tmp_path / "b.zarr")
-    for k in ("params", "keys", "labels"):
+    a, b = _arrays(str(tmp_path / "a.zarr")), _arrays(str(tmp_path / "b.zarr"))
+    for k in ("view_params", "keys", "labels"):
         assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
     np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-5)
     # resume: un-done one chunk, run again: it is recomputed to the same bytes
@@ -65,7 +46,7 @@ def test_same_bytes_for_any_workers_batch_size_and_resume(tmp_path, folder):
     g["done"][1] = 0
     g["logits"][4:8] = 0
     _precompute(folder, tmp_path / "b.zarr", w, "--workers", "2", "--batch-size", "5")
-    np.testing.assert_allclose(_arrays(tmp_path / "b.zarr")["logits"], a["logits"], atol=1e-5)
+    np.testing.assert_allclose(_arrays(str(tmp_path / "b.zarr"))["logits"], a["logits"], atol=1e-5)
     # rows are a seeded permutation of the class-sorted folder; keys map rows to files
     keys = list(a["keys"])
     assert sorted(keys) == keys[:0] + sorted(keys) and keys != sorted(keys)
@@ -189,18 +170,25 @@ def teacher_policy(cache):
     return get_policy(cache.spec.views["policy"], **cache.spec.views["params"])
 
 
-def test_distill_replays_rows_through_keys(tmp_path, folder):
-    """A permuted cache: the replayed view of row r is the stored view of file keys[r]."""
+def _cached_teacher(tmp_path, folder):
+    """A permuted rrc-flip cache of `folder` opened for distill: (weights, dataset, caches,
+    teacher, the cache's view policy)."""
     from data.datasets import load_dataset
-    from distill.loop import BatchMaker
     from distill.teachers import CachedTeacher, open_caches
 
     w = _weights(tmp_path, "resnet8", 3)
-    _precompute(folder, tmp_path / "k.zarr", w)
+    _precompute(folder, tmp_path / "t.zarr", w)
     ds = load_dataset("imagefolder", root=folder)
-    caches = open_caches([str(tmp_path / "k.zarr")], ds, 3, None)
+    caches = open_caches([str(tmp_path / "t.zarr")], ds, 3, None)
     teacher = CachedTeacher(caches, "same", "mean-logits", 1 << 30)
-    pol = teacher_policy(caches[0])
+    return w, ds, caches, teacher, teacher_policy(caches[0])
+
+
+def test_distill_replays_rows_through_keys(tmp_path, folder):
+    """A permuted cache: the replayed view of row r is the stored view of file keys[r]."""
+    from distill.loop import BatchMaker
+
+    w, ds, caches, teacher, pol = _cached_teacher(tmp_path, folder)
     rows, augs = np.array([3, 0, 8]), np.array([1, 2, 0])
     b = BatchMaker(ds, pol, teacher, workers=0)(rows, augs, 0)
     keys, params = caches[0].keys(), caches[0].view_params()
@@ -238,16 +226,10 @@ def test_text_hfds_dynamic_padding_and_max_length(tmp_path, tiny_bert_dir, tiny_
 
 def test_views_k_decodes_each_sample_once(tmp_path, folder, monkeypatch):
     """--views K: K distinct cached views of one decoded sample, adjacent in the batch."""
-    from data.datasets import load_dataset
     from distill.loop import BatchMaker, epoch_batches
-    from distill.teachers import CachedTeacher, open_caches
+    from distill.teachers import CachedTeacher
 
-    w = _weights(tmp_path, "resnet8", 3)
-    _precompute(folder, tmp_path / "v.zarr", w)
-    ds = load_dataset("imagefolder", root=folder)
-    caches = open_caches([str(tmp_path / "v.zarr")], ds, 3, None)
-    teacher = CachedTeacher(caches, "same", "mean-logits", 1 << 30)
-    pol = teacher_policy(caches[0])
+    w, ds, caches, teacher, pol = _cached_teacher(tmp_path, folder)
     loads = []
     real = type(ds).load
     monkeypatch.setattr(type(ds), "load", lambda self, i: loads.append(i) or real(self, i))
@@ -359,7 +341,7 @@ def test_torchrun_two_ranks_with_workers_equal_one_process(tmp_path, folder):
             "--out", tmp_path / "two.zarr"]  # fmt: skip
     p = torchrun(2, *args)
     assert p.returncode == 0, p.stderr[-2000:]
-    a, b = _arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr")
-    for k in ("params", "keys", "labels"):
+    a, b = _arrays(str(tmp_path / "one.zarr")), _arrays(str(tmp_path / "two.zarr"))
+    for k in ("view_params", "keys", "labels"):
         assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
     np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-5)
