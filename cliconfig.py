@@ -252,3 +252,42 @@ class Group(click.Group):
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def storage_options_dict(value: str | None) -> dict:
+    """`--storage-options '{"endpoint_url": ...}'` -> dict for fsspec."""
+    if not value:
+        return {}
+    try:
+        opts = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{value!r} is not JSON ({e.msg})") from None
+    if not isinstance(opts, dict):
+        raise click.BadParameter(f"{value!r} must be a JSON object")
+    return opts
+
+
+def parse_hparams(pairs: tuple[str, ...]) -> dict:
+    """`--hparam c=0.3` pairs -> {"c": 0.3}; values are parsed as JSON when possible."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} must look like NAME=VALUE", param_hint="--hparam")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options", default=None, help="fsspec storage options as JSON (e.g. endpoint_url)."
+)
+
+
+POS_INT = click.IntRange(min=1)
+NONNEG = click.FloatRange(min=0)

@@ -70,7 +70,9 @@ class Mode:
             place_on_device(r, rt.device)
         self.run = torch.compile(self.model) if cfg.compile else self.model
         self.opt = make_optimizer(cfg, self.model)
-        self.make = BatchMaker(r.train, r.policy, r.teacher, seed=cfg.seed)
+        self.make = BatchMaker(  # decoded sources: cfg.workers DataLoader processes, pinned
+            r.train, r.policy, r.teacher, seed=cfg.seed, workers=cfg.workers, pin=self.cuda
+        )
         self.epochs: list[float] = []  # samples/s of whole epochs
         self.steps: list[float] = []  # samples/s of single full-batch steps
 
@@ -196,6 +198,7 @@ def measure(args) -> dict:
                 out=cache,
                 num_augs=args.num_augs,
                 batch_size=256,
+                workers=args.workers,
                 device=args.device,
                 amp=args.amp,
                 compile=args.compile,

@@ -12,7 +12,8 @@ interleaved `--repeats` times.
 Rows (views/s):
   bare forward     the teacher on the very view batches stage 1 computes, pre-made on the
                    device (inference_mode, logits copied to the host)
-  precompute loop  `precompute.run.run`, its chunk loop (view prep + forward + cache writes)
+  precompute loop  `precompute.loop.run_chunks` inside `precompute.run.run`: view prep +
+                   forward + cache writes
   precompute e2e   the same runs end to end (dataset load, model, spec, cache create/finalize)
 Columns: steady = median over chunks (bare: one chunk's batches; precompute: one loop cycle,
 from one chunk's logits to the next), robust to other jobs on a shared machine and what a
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import precompute.loop as ploop  # noqa: E402
 import precompute.run as prun  # noqa: E402
 from bench.common import write_cifar100  # noqa: E402
 from models.factory import create_model  # noqa: E402
@@ -61,17 +63,24 @@ def config(args, root: Path, out: Path, weights: Path) -> PrecomputeConfig:
 
 
 def premade_chunks(cfg: PrecomputeConfig, device: torch.device, max_views: int):
-    """The teacher and the very view batches stage 1 computes, per chunk, on the device."""
+    """The teacher and the very view batches stage 1 computes, per chunk, on the device:
+    cut in this thread (in-RAM data, batched policy) or by the same DataLoader worker
+    processes stage 1 uses (decoded sources, per-sample policies such as rrc-flip)."""
     setup = build_setup(cfg, device)
     model = setup.model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    chunks, views = [], 0
     bs = max(1, min(cfg.batch_size, cfg.chunk_samples * cfg.num_augs))  # as stage 1 clamps it
-    for start in range(0, setup.spec.n, cfg.chunk_samples):
-        stop = min(start + cfg.chunk_samples, setup.spec.n)
-        batches = prun.prepare_chunk(setup, start, stop, bs)[1]
-        on_dev = [prun.to_device(b, device) for b in batches]
+    ranges = [
+        (start, min(start + cfg.chunk_samples, setup.spec.n))
+        for start in range(0, setup.spec.n, cfg.chunk_samples)
+    ]
+    made = (
+        _batched_chunks(setup, ranges, bs) if setup.batched else _loader_chunks(setup, cfg, ranges)
+    )
+    chunks, views = [], 0
+    for batches in made:
+        on_dev = [ploop.to_device(b, device) for b in batches]
         if device.type == "cuda":  # as stage 1 feeds them (channels_last, like the model)
             on_dev = [b.contiguous(memory_format=torch.channels_last) for b in on_dev]  # images
         chunks.append(on_dev)
@@ -79,6 +88,30 @@ def premade_chunks(cfg: PrecomputeConfig, device: torch.device, max_views: int):
         if views >= max_views:
             break
     return model, chunks
+
+
+def _batched_chunks(setup, ranges, bs: int):
+    for start, stop in ranges:
+        yield ploop.prepare_chunk(setup, start, stop, bs)[1]
+
+
+def _loader_chunks(setup, cfg: PrecomputeConfig, ranges):
+    from data.loader import chunk_batches, precompute_loader
+
+    a = setup.spec.num_augs
+    per_batch = max(1, cfg.batch_size // a)
+    loader = precompute_loader(
+        setup.maker, setup.order, setup.spec.views["seed"], a,
+        setup.spec.views["identity_view"], chunk_batches(ranges, per_batch), workers=cfg.workers,
+    )  # fmt: skip
+    it = iter(loader)
+    for start, stop in ranges:
+        got, batches = 0, []
+        while got < stop - start:
+            b = next(it)
+            got += len(b["rows"])
+            batches.append(b["views"])
+        yield batches
 
 
 def bare_forward(model, chunks, device: torch.device, amp: bool) -> list[tuple[int, float]]:
@@ -91,8 +124,10 @@ def bare_forward(model, chunks, device: torch.device, amp: bool) -> list[tuple[i
             logits = []
             for b in batches:
                 cuda = device.type == "cuda"
+                if b.dtype == torch.uint8:  # decoded views: scaled on the device, as stage 1
+                    b = b.to(torch.float32).div_(255.0)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and cuda):
-                    logits.append(prun.forward(model, b).float())
+                    logits.append(ploop.forward(model, b).float())
             torch.cat(logits).cpu()
             out.append((sum(len(b) for b in batches), time.perf_counter() - t0))
     return out
@@ -112,7 +147,7 @@ def precompute_once(cfg: PrecomputeConfig) -> tuple[list[tuple[int, float]], flo
     end-to-end seconds."""
     marks: list[tuple[int, float]] = []
     loop_s: list[float] = []
-    orig_loop, orig_logits = prun._loop, prun._teacher_logits
+    orig_loop, orig_logits = ploop.run_chunks, ploop.teacher_logits
 
     def timed_loop(*a, **k):
         marks.append((0, time.perf_counter()))
@@ -122,16 +157,16 @@ def precompute_once(cfg: PrecomputeConfig) -> tuple[list[tuple[int, float]], flo
             loop_s.append(time.perf_counter() - marks[0][1])
 
     def timed_logits(setup, batches, *a, **k):
-        out = orig_logits(setup, batches, *a, **k)
-        marks.append((sum(len(b) for b in batches), time.perf_counter()))
+        out = orig_logits(setup, batches, *a, **k)  # batches may be a generator: count rows
+        marks.append((len(out), time.perf_counter()))
         return out
 
-    prun._loop, prun._teacher_logits = timed_loop, timed_logits
+    ploop.run_chunks, ploop.teacher_logits = timed_loop, timed_logits
     t0 = time.perf_counter()
     try:
         prun.run(cfg)
     finally:
-        prun._loop, prun._teacher_logits = orig_loop, orig_logits
+        ploop.run_chunks, ploop.teacher_logits = orig_loop, orig_logits
     e2e = time.perf_counter() - t0
     cycles = [(v, t - marks[i][1]) for i, (v, t) in enumerate(marks[1:])]
     return cycles, loop_s[0], e2e

@@ -66,7 +66,9 @@ class PeerMode:
                 self.task.compile()
         elif cfg.compile:
             self.model = torch.compile(net)
-        self.make = BatchMaker(r.train, r.policy, None, seed=cfg.seed)
+        self.make = BatchMaker(  # the same loader as kdcache's modes: workers, pinned
+            r.train, r.policy, None, seed=cfg.seed, workers=cfg.workers, pin=self.cuda
+        )
         self.epochs: list[float] = []
         self.steps: list[float] = []
 

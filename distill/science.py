@@ -2,7 +2,8 @@
 
 The demo recipe (distill/demo.py): a resnet20 teacher trained 8 epochs, its logits cached for
 4 crop-flip views, then resnet8 students for 8 epochs with every loss that a resnet20 cache
-serves, plus tfkd-self from a resnet8 self-teacher's cache (same views), 10 seeds each,
+serves, plus tfkd-self from a resnet8 self-teacher's cache (same views; the self-teacher is
+trained exactly like the CE students, on the cached views, with its own seed), 10 seeds each,
 paired against ce; then the LSR-OS-TC check — one hyper-parameter set on two students (resnet8,
 resnet14). Every stage goes through the real CLI and is resumable: rerun the same command to
 finish an interrupted study (finished runs are skipped; the report is rebuilt).
@@ -33,15 +34,18 @@ def cli(*args: str) -> str:
     return p.stdout
 
 
-def teacher_cache(out: Path, model: str, seed: int, epochs: int) -> str:
+def teacher_cache(out: Path, model: str, seed: int, epochs: int, views: str | None = None,
+                  name: str = "teacher") -> str:  # fmt: skip
     """Train a teacher with plain CE (resumed if killed) and cache its logits; the cache path.
-    Every cache uses the same view seed, so all students see the same views."""
-    run = out / f"teacher-{model}"
+    Every cache uses the same view seed, so all students see the same views. With `views` (a
+    cache) the teacher trains on that cache's views, exactly as the study's CE students do."""
+    run = out / f"{name}-{model}"
     log = run / "metrics.jsonl"
     if not log.exists() or len(log.read_text().splitlines()) < epochs:
         resume = ["--resume"] if (run / "last.pt").exists() else []
-        cli("distill", "--student", model, "--loss", "ce", "--epochs", str(epochs),
-            "--seed", str(seed), "--out", str(run), "--no-plots", *resume, *COMMON)  # fmt: skip
+        on = ["--cache", views] if views else []
+        cli("distill", "--student", model, "--loss", "ce", "--epochs", str(epochs), "--seed",
+            str(seed), "--out", str(run), "--no-plots", *on, *resume, *COMMON)  # fmt: skip
     stdout = cli("precompute", "--teacher", model, "--weights", str(run / "best.pt"),
                  "--dataset", "digits", "--num-augs", "4", "--augment", "crop-flip",
                  "--chunk-samples", "256", "--out", str(out / "caches"))  # fmt: skip
@@ -57,7 +61,9 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out).resolve()
     cache = teacher_cache(out, "resnet20", 0, a.epochs)
-    self_cache = teacher_cache(out, "resnet8", SELF_SEED, a.epochs)  # tfkd-self's teacher
+    # Tf-KD self: the student's own architecture "trained in the normal way", i.e. the very
+    # recipe of the CE baseline (on the cached views), seed SELF_SEED; then its logits cached
+    self_cache = teacher_cache(out, "resnet8", SELF_SEED, a.epochs, views=cache, name="self")
     study = ["study", "--cache", cache, "--seeds", a.seeds, "--epochs", str(a.epochs),
              "--jobs", str(a.jobs), "--out", str(out), *COMMON]  # fmt: skip
     cli(*study, "--losses", LOSSES, "--loss-cache", f"tfkd-self={self_cache}", "--name", "science",

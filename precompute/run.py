@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,60 +21,15 @@ from models.runtime import (
     Runtime,
     barrier,
     broadcast_object,
-    forward,
     init_runtime,
     shutdown,
-    to_device,
     write_run_config,
 )
+from precompute import loop as chunk_loop
 from precompute.config import PrecomputeConfig
 from precompute.setup import Setup, build_setup, resolve_out_path
 
 log = logging.getLogger(__name__)
-
-
-def prepare_chunk(setup: Setup, start: int, stop: int, batch_size: int, pin: bool = False):
-    """Raw samples + their seeded view params, cut into fixed chunk-local view batches
-    (page-locked with `pin`, so their copies to a GPU are asynchronous)."""
-    samples = np.arange(start, stop, dtype=np.int64)
-    params = setup.view_params(samples)  # (n, A, P)
-    n, a, p = params.shape
-    raw = setup.dataset.get(samples)
-    flat_params = torch.from_numpy(params.reshape(n * a, p))
-    rows = np.repeat(np.arange(n), a)
-    batches = []
-    for lo in range(0, n * a, batch_size):
-        hi = min(lo + batch_size, n * a)
-        idx = torch.from_numpy(rows[lo:hi])
-        view = setup.policy.apply(raw[idx], flat_params[lo:hi])
-        batches.append(_pinned(view) if pin else view)
-    return params, batches
-
-
-def _pinned(batch):
-    if isinstance(batch, dict):
-        return {k: v.pin_memory() for k, v in batch.items()}
-    return batch.pin_memory()
-
-
-def _teacher_logits(setup: Setup, batches, device: torch.device, amp: bool) -> np.ndarray:
-    """A chunk's logits. On a GPU they stay there until the chunk is done, so its forwards
-    queue back to back (one host sync per chunk, not one per batch). AMP is bf16 autocast,
-    the one AMP dtype of both stages; uint8 image batches are scaled to [0, 1] on the device
-    and fed channels_last like the model."""
-    outs = []
-    cuda = device.type == "cuda"
-    with torch.inference_mode():
-        for b in batches:
-            b = to_device(b, device)
-            if isinstance(b, torch.Tensor) and b.dim() == 4:
-                if b.dtype == torch.uint8:
-                    b = b.to(torch.float32).div_(255.0)
-                if cuda:
-                    b = b.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and cuda):
-                outs.append(forward(setup.model, b).float())
-        return torch.cat(outs).cpu().numpy()
 
 
 def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
@@ -178,7 +132,7 @@ def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer
         desc="precompute",
         dynamic_ncols=True,
     ) as bar:
-        _loop(cfg, rt, setup, writer, todo, bar)
+        chunk_loop.run_chunks(cfg, rt, setup, writer, todo, bar)
     barrier(rt)
     if setup.backend == "hdf5" and rt.distributed:
         writer.close()
@@ -197,132 +151,6 @@ def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer
     barrier(rt)
     seconds = time.perf_counter() - t0
     return summarize(path, setup, seconds, n_todo, cfg.storage_options)
-
-
-class _Deferred:
-    """Future-like: the work runs in the caller's thread when its result is asked for."""
-
-    def __init__(self, fn, *args) -> None:
-        self.fn, self.args = fn, args
-
-    def result(self):
-        return self.fn(*self.args)
-
-
-class _Inline:
-    """Executor stand-in for view preparation in the loop's own thread (see `_loop`)."""
-
-    def __enter__(self) -> _Inline:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def submit(self, fn, *args) -> _Deferred:
-        return _Deferred(fn, *args)
-
-
-def _loop(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo: list[int], bar) -> None:
-    """Streaming sources (and per-sample policies) go through the DataLoader (`_loop_loader`);
-    in-RAM images with a batched policy take the in-thread path below.
-
-    Teacher forward over the todo chunks. Finished chunks are written in a background
-    thread (numpy + store I/O), so cache writes overlap the teacher's forward.
-
-    Views for the next chunks are prepared in `workers` background threads (1 when 0) while
-    the teacher runs on an accelerator. On CPU with `workers` 0 they are prepared in this
-    thread, between forwards: the forward already keeps every intra-op thread busy, and torch
-    ops in a second thread start a second OpenMP team, after which libgomp throttles its
-    spin-waits (more managed threads than cores) and the forward itself runs ~10-15% slower
-    for the whole run; preparing a chunk inline costs ~2% (bench/precompute.py)."""
-    if not setup.batched:
-        return _loop_loader(cfg, rt, setup, writer, todo, bar)
-    spec = setup.spec
-    inline = rt.device.type == "cpu" and cfg.workers == 0
-    workers = max(1, cfg.workers)
-    batch_size = max(1, min(cfg.batch_size, spec.chunk_samples * spec.num_augs))
-    pin = rt.device.type == "cuda"
-    pool = _Inline() if inline else ThreadPoolExecutor(workers)
-    with pool as prep, ThreadPoolExecutor(1) as io:
-        pending = [
-            prep.submit(prepare_chunk, setup, *writer.chunk_range(c), batch_size, pin)
-            for c in todo[: workers + 1]
-        ]
-        writes = []
-        for j, c in enumerate(todo):
-            params, batches = pending[j].result()
-            if j + workers + 1 < len(todo):
-                nxt = todo[j + workers + 1]
-                pending.append(
-                    prep.submit(prepare_chunk, setup, *writer.chunk_range(nxt), batch_size, pin)
-                )
-            pending[j] = None
-            logits = _teacher_logits(setup, batches, rt.device, cfg.amp)
-            n = params.shape[0]
-            logits = logits.reshape(n, spec.num_augs, -1)
-            _check_finite(logits, writer.chunk_range(c)[0], setup)
-            writes.append(io.submit(writer.write_chunk, c, logits, params))
-            while len(writes) > 2:  # bounded write-behind; errors surface here
-                writes.pop(0).result()
-            bar.update(n * spec.num_augs)
-        for w in writes:
-            w.result()
-
-
-def _loop_loader(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo, bar) -> None:
-    """Worker processes decode each sample once and cut its A views; a chunk's batches feed
-    the teacher back to back, then the chunk is written behind the next one's forwards."""
-    from data.loader import chunk_batches, clean_errors, precompute_loader
-
-    spec = setup.spec
-    a = spec.num_augs
-    ranges = [writer.chunk_range(c) for c in todo]
-    per_batch = max(1, cfg.batch_size // a)
-    loader = precompute_loader(
-        setup.maker,
-        setup.order,
-        spec.views["seed"],
-        a,
-        spec.views["identity_view"],
-        chunk_batches(ranges, per_batch),
-        workers=cfg.workers,
-        pin=rt.device.type == "cuda",
-    )
-    it = clean_errors(loader)
-    with ThreadPoolExecutor(1) as io:
-        writes = []
-        for c, (start, stop) in zip(todo, ranges, strict=True):
-            params: list[np.ndarray] = []
-
-            def views(n=stop - start, params=params):
-                got = 0
-                while got < n:
-                    b = next(it)
-                    params.append(b["params"])
-                    got += len(b["rows"])
-                    yield b["views"]
-
-            logits = _teacher_logits(setup, views(), rt.device, cfg.amp)
-            p = np.concatenate(params).reshape(stop - start, a, -1)
-            logits = logits.reshape(stop - start, a, -1)
-            _check_finite(logits, start, setup)
-            writes.append(io.submit(writer.write_chunk, c, logits, p))
-            while len(writes) > 2:  # bounded write-behind; errors surface here
-                writes.pop(0).result()
-            bar.update((stop - start) * a)
-        for w in writes:
-            w.result()
-
-
-def _check_finite(logits: np.ndarray, start: int, setup: Setup) -> None:
-    bad = ~np.isfinite(logits).all(axis=(1, 2))
-    if bad.any():
-        idx = (np.flatnonzero(bad) + start)[:5].tolist()
-        keys = [setup.dataset.keys[setup.order[i]] for i in idx]
-        raise KdcacheError(
-            f"teacher produced NaN/Inf logits for samples {idx} ({', '.join(keys)}); "
-            "refusing to cache them"
-        )
 
 
 def summarize(path: str, setup: Setup, seconds: float, computed: int, storage_options) -> dict:

@@ -1,0 +1,47 @@
+"""The one-shot GPU benchmark must work the first time a GPU is lent (device time is scarce):
+its script runs here on CPU with tiny models through the same code paths (JPEG loader +
+rrc-flip, in-RAM crop-flip, precompute vs bare forward, every distill mode and the peers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env}
+    )
+
+
+def test_gpu_bench_tiny_prints_a_full_table_on_cpu():
+    p = _run([sys.executable, "bench/gpu.py", "--device", "cpu", "--tiny", "--workers", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    head = next(ln for ln in lines if ln.startswith("scenario"))
+    cols = head.split()
+    assert cols[1:8] == ["CE", "cached", "online", "plain", "timm-on", "bare", "cach/CE"]
+    scenarios = ("imagenet-like", "cifar-like")
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.startswith(scenarios)}
+    assert set(rows) == {"imagenet-like", "cifar-like"}
+    for name, row in rows.items():
+        assert len(row) == len(cols), (name, row)
+        values = dict(zip(cols, row, strict=True))
+        for c in ("CE", "cached", "online", "plain", "timm-on", "bare"):
+            assert float(values[c]) > 0, (name, c, values[c])
+        for c in ("cach/CE", "CE/bare", "CE/pl", "cach/on", "ideal", "pre/bare"):
+            assert 0.0 < float(values[c]) < 100.0, (name, c, values[c])
+        assert values["util-pre"] == "n/a"  # no nvidia-smi here
+    assert any(ln.startswith("total ") for ln in lines)
+    assert "goals:" in p.stdout
+
+
+def test_gpu_sh_without_a_gpu_says_so_and_exits_0():
+    p = _run(["bash", "bench/gpu.sh"], PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    assert p.returncode == 0, p.stderr
+    assert "no CUDA GPU visible" in p.stdout
+    assert "scenario" not in p.stdout  # nothing was benchmarked
