@@ -143,14 +143,17 @@ def plan(spec: StudySpec) -> list[PlannedRun]:
 
 
 def run_config(spec: StudySpec, r: PlannedRun) -> dict:
-    """The DistillConfig fields of one run (what `run.json` holds)."""
+    """The DistillConfig fields of one run (what `run.json` holds). Hyper-parameters are
+    stored resolved (the loss's defaults + the grid's values), so a run finished under an
+    older default is refused on resume instead of being reported as if it had the new one."""
     from distill.config import DistillConfig
+    from distill.losses import loss_defaults
 
     base = dict(spec.distill)
     base.update(
         student=r.student,
         loss=r.loss,
-        hparams=dict(r.hparams),
+        hparams={**loss_defaults(r.loss), **r.hparams},
         caches=[c] if (c := spec.loss_cache.get(r.loss, spec.cache)) else [],
         seed=r.seed,
         out=str(r.dir / "train"),

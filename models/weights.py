@@ -23,7 +23,9 @@ _PREFIXES_TO_STRIP = ("module.", "_orig_mod.", "net.")
 
 
 class WeightsFile:
-    """A state dict read from disk plus the sha256 of the file's bytes."""
+    """A state dict read from disk plus the sha256 of its tensors (`state_dict_sha256`): the
+    weights themselves, so a checkpoint's other contents (its run's config and paths, timings,
+    optimizer state) never change a cache key that hashes them."""
 
     def __init__(self, path: str, state_dict: dict[str, torch.Tensor], sha256: str) -> None:
         self.path, self.state_dict, self.sha256 = path, state_dict, sha256
@@ -43,7 +45,7 @@ def state_dict_sha256(sd: Mapping[str, torch.Tensor]) -> str:
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -74,7 +76,7 @@ def read_weights(path: str) -> WeightsFile:
             f"weights {path!r} is not a state dict (expected a dict of tensors or "
             '{"model": state_dict, ...})'
         )
-    return WeightsFile(path, dict(obj), sha256_file(path))
+    return WeightsFile(path, dict(obj), state_dict_sha256(obj))
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor], target: set[str]) -> dict[str, torch.Tensor]:

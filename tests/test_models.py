@@ -11,6 +11,7 @@ import torch
 from cache.errors import KdcacheError
 from data.views import get_policy, tokenize_texts
 from models.factory import create_model, load_tokenizer, model_input_size
+from models.weights import state_dict_sha256
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -67,7 +68,8 @@ def test_weights_round_trip(tmp_path):
         for path in (wrapped, bare):
             loaded, info = create_model("resnet8", weights=str(path))  # classes from checkpoint
             assert info["num_classes"] == 7
-            assert info["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            sd = torch.load(path, weights_only=True)
+            assert info["weights_sha256"] == state_dict_sha256(sd.get("model", sd))
             torch.testing.assert_close(loaded.eval()(x), ref)
     with pytest.raises(KdcacheError, match=r"--num-classes 10.*7-class"):
         create_model("resnet8", num_classes=10, weights=str(wrapped))
@@ -106,6 +108,23 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
         create_model("resnet20", pretrained=True)
 
 
+def test_weights_key_is_the_tensors_not_the_checkpoint_file(tmp_path):
+    """Same weights in checkpoints of different runs (other out path, timings) -> same
+    weights_sha256 (so the same cache key); other weights -> another; same again."""
+    torch.manual_seed(0)
+    model, _ = create_model("resnet8", num_classes=3)
+    sd = model.state_dict()
+    a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    torch.save({"model": sd, "config": {"out": "runs/x"}, "record": {"epoch_seconds": 1.5}}, a)
+    torch.save({"model": sd, "config": {"out": "/elsewhere"}, "record": {"epoch_seconds": 9.0}}, b)
+    other = {k: (v + 1 if v.is_floating_point() else v) for k, v in sd.items()}
+    torch.save({"model": other, "config": {"out": "runs/x"}}, c)
+    assert a.read_bytes() != b.read_bytes()
+    sha = {p: create_model("resnet8", weights=str(p))[1]["weights_sha256"] for p in (a, b, c)}
+    assert sha[a] == sha[b] == state_dict_sha256(sd)
+    assert sha[c] != sha[a]
+
+
 def test_hf_tiny_bert(tiny_bert_dir, tiny_texts, tmp_path):
     model, info = create_model(f"hf:{tiny_bert_dir}", max_length=16)
     assert info["source"] == "hf" and info["modality"] == "text" and info["num_classes"] == 3
@@ -123,6 +142,6 @@ def test_hf_tiny_bert(tiny_bert_dir, tiny_texts, tmp_path):
     path = tmp_path / "bert.pt"
     torch.save({"model": model.state_dict()}, path)
     again, info2 = create_model(f"hf:{tiny_bert_dir}", weights=str(path), max_length=16)
-    assert info2["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info2["weights_sha256"] == state_dict_sha256(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(**inputs), logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -113,6 +114,14 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
         run_study(StudySpec(str(tmp_path), ["ce", "lsr"], [0, 1], compare=[("kd", "ce")]))
     spec.distill = {"epochs": 2}
     with pytest.raises(KdcacheError, match="epochs differ"):
+        run_study(spec)
+    spec.distill = {"epochs": 1}
+    assert run_study(spec)["trained"] == 0  # same again: resumable
+    from distill.losses import LOSSES
+
+    changed = dataclasses.replace(LOSSES["lsr"], defaults={"eps": 0.2})
+    monkeypatch.setitem(LOSSES, "lsr", changed)  # a new default: old lsr results are stale
+    with pytest.raises(KdcacheError, match="lsr/seed0 was planned with other settings.*hparams"):
         run_study(spec)
 
 
