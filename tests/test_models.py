@@ -125,6 +125,24 @@ def test_weights_key_is_the_tensors_not_the_checkpoint_file(tmp_path):
     assert sha[c] != sha[a]
 
 
+def test_pretrained_from_the_local_hub_cache_is_keyed_by_its_tensors(monkeypatch, tmp_path):
+    """`--pretrained` as on a machine whose torch hub cache holds the file (no network): the
+    weights load and their sha256 covers every tensor, BatchNorm's 0-dim counters included."""
+    import os
+
+    import torchvision
+
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save(sd, tmp_path / "hub" / "checkpoints" / os.path.basename(url))
+    model, info = create_model("tv:resnet18", pretrained=True)
+    assert info["weights_sha256"] == state_dict_sha256(sd) and info["num_classes"] == 1000
+    torch.testing.assert_close(model.net.conv1.weight, sd["conv1.weight"])
+
+
 def test_hf_tiny_bert(tiny_bert_dir, tiny_texts, tmp_path):
     model, info = create_model(f"hf:{tiny_bert_dir}", max_length=16)
     assert info["source"] == "hf" and info["modality"] == "text" and info["num_classes"] == 3
