@@ -165,7 +165,7 @@ LOSSES: dict[str, LossDef] = {
         {"T": 6.0, "alpha": 0.95, "multiplier": 50.0},
         True,
         True,
-        "Tf-KD from a cached, fully trained copy of the student (README: hurt in 8 epochs)",
+        "Tf-KD from a cached, fully trained copy of the student (README: no gain on digits)",
     ),  # fmt: skip
     "lsr-os": LossDef(
         _lsr_os, {"T": 4.0, "alpha": 0.1}, False, False, "output smoothing (uniform teacher)"
