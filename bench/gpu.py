@@ -11,12 +11,14 @@ LogitDistillationTask), with bf16 autocast, `--workers` = CPU cores. GPU utilisa
 mean of `nvidia-smi` samples (every 200 ms) over each stage, when nvidia-smi exists.
 
     bench/gpu.sh                      # the whole thing on CUDA, < 8 minutes
-    .venv/bin/python bench/gpu.py --device cpu --tiny    # smoke run of this script on CPU
+    GPU_BENCH_ANY_DEVICE=1 bench/gpu.sh --device cpu --tiny   # smoke run of it on CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import statistics
@@ -122,8 +124,8 @@ def main() -> None:
             sc.update(n=100, batch_size=16, num_augs=2, image_size=32)  # 100 classes
             sc.update(teacher="resnet8", student="resnet8")
         tmp = Path(tempfile.mkdtemp(prefix=f"kdcache-gpu-{name}-"))
-        try:
-            with GpuUtil() as u1:
+        try:  # progress bars go to a buffer: a remote runner keeps only the output's tail
+            with GpuUtil() as u1, contextlib.redirect_stderr(io.StringIO()):
                 pre, bare = precompute_ratio(sc, args, tmp)
             dargs = bd.parser().parse_args([])
             for k in ("teacher", "student", "n", "num_augs", "batch_size", "imagefolder"):
@@ -131,7 +133,7 @@ def main() -> None:
             dargs.image_size, dargs.device = sc["image_size"], args.device
             dargs.repeats, dargs.compile = args.repeats, args.compile
             dargs.workers = args.workers  # DataLoader processes (JPEG); prefetch depth (RAM)
-            with GpuUtil() as u2:
+            with GpuUtil() as u2, contextlib.redirect_stderr(io.StringIO()):
                 res = bd.measure(dargs)
             row(name, dargs, res, pre, bare, u1.value, u2.value)
         finally:
