@@ -96,22 +96,8 @@ def _batched_chunks(setup, ranges, bs: int):
 
 
 def _loader_chunks(setup, cfg: PrecomputeConfig, ranges):
-    from data.loader import chunk_batches, precompute_loader
-
-    a = setup.spec.num_augs
-    per_batch = max(1, cfg.batch_size // a)
-    loader = precompute_loader(
-        setup.maker, setup.order, setup.spec.views["seed"], a,
-        setup.spec.views["identity_view"], chunk_batches(ranges, per_batch), workers=cfg.workers,
-    )  # fmt: skip
-    it = iter(loader)
-    for start, stop in ranges:
-        got, batches = 0, []
-        while got < stop - start:
-            b = next(it)
-            got += len(b["rows"])
-            batches.append(b["views"])
-        yield batches
+    for batches in ploop.chunk_loader(setup, cfg, ranges):
+        yield [b["views"] for b in batches]
 
 
 def bare_forward(model, chunks, device: torch.device, amp: bool) -> list[tuple[int, float]]:

@@ -134,37 +134,44 @@ def run_chunks(
             w.result()
 
 
+def chunk_loader(setup: Setup, cfg: PrecomputeConfig, ranges, pin: bool = False):
+    """Per chunk range, a generator of its loader batches (dicts with rows, views, params) made
+    by DataLoader worker processes, each sample decoded once for its A views; batches never
+    straddle chunks. Consume each chunk's batches before asking for the next chunk."""
+    from data.loader import chunk_batches, clean_errors, precompute_loader
+
+    a = setup.spec.num_augs
+    loader = precompute_loader(
+        setup.maker, setup.order, setup.spec.views["seed"], a, setup.spec.views["identity_view"],
+        chunk_batches(ranges, max(1, cfg.batch_size // a)), workers=cfg.workers, pin=pin,
+    )  # fmt: skip
+    it = clean_errors(loader)
+
+    def one(n: int):
+        got = 0
+        while got < n:
+            b = next(it)
+            got += len(b["rows"])
+            yield b
+
+    for start, stop in ranges:
+        yield one(stop - start)
+
+
 def _loader_chunks(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, todo, bar) -> None:
     """Worker processes decode each sample once and cut its A views; a chunk's batches feed
     the teacher back to back, then the chunk is written behind the next one's forwards."""
-    from data.loader import chunk_batches, clean_errors, precompute_loader
-
-    spec = setup.spec
-    a = spec.num_augs
+    a = setup.spec.num_augs
     ranges = [writer.chunk_range(c) for c in todo]
-    per_batch = max(1, cfg.batch_size // a)
-    loader = precompute_loader(
-        setup.maker,
-        setup.order,
-        spec.views["seed"],
-        a,
-        spec.views["identity_view"],
-        chunk_batches(ranges, per_batch),
-        workers=cfg.workers,
-        pin=rt.device.type == "cuda",
-    )
-    it = clean_errors(loader)
+    chunks = chunk_loader(setup, cfg, ranges, pin=rt.device.type == "cuda")
     with ThreadPoolExecutor(1) as io:
         writes = []
-        for c, (start, stop) in zip(todo, ranges, strict=True):
+        for c, (start, stop), batches in zip(todo, ranges, chunks, strict=True):
             params: list[np.ndarray] = []
 
-            def views(n=stop - start, params=params):
-                got = 0
-                while got < n:
-                    b = next(it)
+            def views(batches=batches, params=params):
+                for b in batches:
                     params.append(b["params"])
-                    got += len(b["rows"])
                     yield b["views"]
 
             logits = teacher_logits(setup, views(), rt.device, cfg.amp)
