@@ -20,13 +20,13 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) -m distill.demo
+	$(PY) -m kdcache.distill.demo
 
 # Losses x 10 seeds from one digits cache, paired tests (README "Which method helps").
 # Resumable: rerun to finish. SCIENCE_OUT=/some/dir make science to write elsewhere.
 SCIENCE_OUT ?= runs/science
 science: $(STAMP)
-	$(PY) -m distill.science --out $(SCIENCE_OUT)
+	$(PY) -m kdcache.distill.science --out $(SCIENCE_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

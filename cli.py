@@ -12,8 +12,21 @@ import sys
 
 import click
 
-from clicache import cache
-from cliconfig import (
+if __name__ == "__main__" and "kdcache" not in sys.modules:
+    # `python cli.py` from a clone: this folder is the package `kdcache` (as installed), so the
+    # clone's own code runs even where another kdcache is installed, or none is.
+    import importlib.util
+    from pathlib import Path
+
+    _spec = importlib.util.spec_from_file_location(
+        "kdcache", Path(__file__).resolve().parent / "__init__.py",
+        submodule_search_locations=[str(Path(__file__).resolve().parent)],
+    )  # fmt: skip
+    sys.modules["kdcache"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["kdcache"])
+
+from kdcache.clicache import cache  # noqa: E402
+from kdcache.cliconfig import (  # noqa: E402
     CONTEXT,
     NONNEG,
     POS_INT,
@@ -131,8 +144,8 @@ def main(verbose: bool) -> None:
 @STORAGE_OPTIONS
 def precompute(**kw) -> None:
     """Stage 1: run the teacher once under seeded views and store its raw logits."""
-    from precompute.config import PrecomputeConfig
-    from precompute.run import format_summary, run
+    from kdcache.precompute.config import PrecomputeConfig
+    from kdcache.precompute.run import format_summary, run
 
     kw["format"] = kw.pop("fmt")
     kw["storage_options"] = storage_options_dict(kw["storage_options"])
@@ -249,8 +262,8 @@ def precompute(**kw) -> None:
 @STORAGE_OPTIONS
 def distill(**kw) -> None:
     """Stage 2: train a student from cached teacher logits (or plain CE without a cache)."""
-    from distill.config import DistillConfig
-    from distill.train import run, summary_line
+    from kdcache.distill.config import DistillConfig
+    from kdcache.distill.train import run, summary_line
 
     hp = parse_hparams(kw.pop("hparam"))
     for name, key in (("temperature", "T"), ("alpha", "alpha")):
@@ -296,7 +309,7 @@ CKPT = "the checkpoint's, else "
 def evaluate(as_json: bool, **kw) -> None:
     """Top-1, top-5 accuracy and mean CE loss of a model on a dataset split (eval view).
     A kdcache checkpoint supplies the model, dataset, data root and image size of its run."""
-    from distill.evaluate import format_result, run_evaluate
+    from kdcache.distill.evaluate import format_result, run_evaluate
 
     r = run_evaluate(**kw)
     click.echo(json.dumps(r, indent=2, sort_keys=True) if as_json else format_result(r))
@@ -309,7 +322,7 @@ def evaluate(as_json: bool, **kw) -> None:
 def list_cmd(kind: str, pattern: str | None, as_json: bool) -> None:
     """What the registries hold: losses (hparams, defaults, domains), model sources (the CIFAR
     zoo; timm/tv: names with --filter), dataset sources, view policies (view_params layout)."""
-    from distill.listing import entries, format_entries
+    from kdcache.distill.listing import entries, format_entries
 
     rows = entries(kind, pattern)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else format_entries(kind, rows))
@@ -338,7 +351,7 @@ def list_cmd(kind: str, pattern: str | None, as_json: bool) -> None:
 @click.option("--set", "sets", multiple=True, help="Any other distill field, NAME=JSON.")
 def study(**kw) -> None:
     """Train losses x seeds (x grids x students) from one cache, then a paired-test report."""
-    from distill.study import StudySpec, parse_grid, parse_seeds, run_study
+    from kdcache.distill.study import StudySpec, parse_grid, parse_seeds, run_study
 
     base = {k: kw.pop(k) for k in ("dataset", "data_root", "epochs", "batch_size", "lr")}
     base.update({k: kw.pop(k) for k in ("weight_decay", "schedule", "device")})

@@ -8,8 +8,7 @@ import shlex
 import sys
 
 import click
-
-from cliconfig import CONTEXT, STORAGE_OPTIONS, Group, distinct_inputs, storage_options_dict
+from kdcache.cliconfig import CONTEXT, STORAGE_OPTIONS, Group, distinct_inputs, storage_options_dict
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -23,8 +22,8 @@ def cache() -> None:
 @STORAGE_OPTIONS
 def info(path: str, as_json: bool, storage_options: str | None) -> None:
     """Spec, key, N×A×C, dtype, size, completeness and provenance of a cache."""
-    from cache.tools import format_info
-    from cache.tools import info as cache_info
+    from kdcache.cache.tools import format_info
+    from kdcache.cache.tools import info as cache_info
 
     d = cache_info(path, storage_options=storage_options_dict(storage_options))
     click.echo(json.dumps(d, indent=2, sort_keys=True) if as_json else format_info(d))
@@ -37,7 +36,7 @@ def info(path: str, as_json: bool, storage_options: str | None) -> None:
 @STORAGE_OPTIONS
 def verify(path: str, replay: bool, data_root: str | None, storage_options: str | None) -> None:
     """Check completeness, checksums, NaN/Inf and shapes; exit 1 naming the problem."""
-    from precompute.replay import run_verify
+    from kdcache.precompute.replay import run_verify
 
     problems = run_verify(
         path,
@@ -64,14 +63,14 @@ PROGRESS = click.option(
 @STORAGE_OPTIONS
 def ls_cmd(url: str, as_json: bool, storage_options: str | None) -> None:
     """Every cache under a directory or URL prefix: key, teacher, dataset, views, size, state."""
-    from cache.tools import format_ls, ls
+    from kdcache.cache.tools import format_ls, ls
 
     rows = ls(url, storage_options=storage_options_dict(storage_options))
     click.echo(json.dumps(rows, indent=2, sort_keys=True) if as_json else format_ls(rows))
 
 
 def _copy(src: str, dst: str, storage_options, break_lock, progress, verify_existing, verb):
-    from cache.share import copy_cache
+    from kdcache.cache.share import copy_cache
 
     r = copy_cache(
         src, dst, storage_options=storage_options_dict(storage_options), break_lock=break_lock,
@@ -120,7 +119,7 @@ _copy_command(
 def merge(out, inputs, overwrite, break_lock, progress, storage_options) -> None:
     """Merge shards of one cache into one, or several teachers' caches (same dataset and
     views) into one multi-teacher store that `distill --cache OUT` ensembles."""
-    from cache.merge import merge as do_merge
+    from kdcache.cache.merge import merge as do_merge
 
     distinct_inputs(out, inputs)
 
@@ -153,7 +152,7 @@ def convert(src, dst, dtype, topk, sampled, compression, overwrite, break_lock, 
             storage_options) -> None:  # fmt: skip
     """zarr <-> HDF5 (by the DST suffix; same bytes), dtype or compression change, and
     dense -> sparse (--topk K / --sampled K) with the mean KL at T=1 and T=4 reported."""
-    from cache.convert import convert as do_convert
+    from kdcache.cache.convert import convert as do_convert
 
     r = do_convert(
         src, dst, dtype=dtype, topk=topk, sampled=sampled, compression=compression,

@@ -231,7 +231,7 @@ class Group(click.Group):
     group_class = type  # subgroups are Groups too
 
     def invoke(self, ctx: click.Context):
-        from cache.errors import KdcacheError
+        from kdcache.cache.errors import KdcacheError
 
         try:
             return super().invoke(ctx)

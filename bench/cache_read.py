@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cache.reader import iter_epoch  # noqa: E402
-from cache.spec import CacheSpec  # noqa: E402
-from cache.store import create_cache, open_cache  # noqa: E402
+from kdcache.cache.reader import iter_epoch  # noqa: E402
+from kdcache.cache.spec import CacheSpec  # noqa: E402
+from kdcache.cache.store import create_cache, open_cache  # noqa: E402
 
 BATCH = 128
 GOALS = {100: 100_000, 1000: 30_000}  # samples per CPU-second for the default (RAM) mode

@@ -15,11 +15,11 @@ import tempfile
 import time
 import urllib.request
 
-from cache.convert import convert
-from cache.reader import iter_epoch
-from cache.share import copy_cache
-from cache.store import open_cache
-from cache.tools import human_bytes
+from kdcache.cache.convert import convert
+from kdcache.cache.reader import iter_epoch
+from kdcache.cache.share import copy_cache
+from kdcache.cache.store import open_cache
+from kdcache.cache.tools import human_bytes
 
 GOAL_SAMPLED = 0.10  # bytes per entry of --sampled vs dense float16
 

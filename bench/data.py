@@ -86,7 +86,7 @@ def _rss() -> dict:
 
 def child(kind: str, args: list[str]) -> dict:
     """One measurement in this (fresh) process."""
-    from cli import main
+    from kdcache.cli import main
 
     t0 = time.perf_counter()
     if kind in ("precompute", "distill", "text"):
@@ -97,8 +97,7 @@ def child(kind: str, args: list[str]) -> dict:
         return {"seconds": round(time.perf_counter() - t0, 2), **_rss()}
     if kind == "bare-forward":  # the teacher on pre-made uint8 batches, nothing else
         import torch
-
-        from models.factory import create_model
+        from kdcache.models.factory import create_model
 
         n, bs = int(args[0]), int(args[1])
         model, _ = create_model(args[2], num_classes=10)
@@ -118,12 +117,11 @@ def _decode_rates(root: Path) -> dict:
     """Images/s of one thread: our decode + rrc view vs a bare PIL open -> resized_crop."""
     import torch
     import torchvision.transforms.functional as TF
+    from kdcache.data.datasets import load_dataset
+    from kdcache.data.loader import ViewMaker
+    from kdcache.data.views import get_policy
     from PIL import Image
     from torchvision.transforms import RandomResizedCrop
-
-    from data.datasets import load_dataset
-    from data.loader import ViewMaker
-    from data.views import get_policy
 
     torch.set_num_threads(1)  # as in a DataLoader worker
     ds = load_dataset("imagefolder", root=root)

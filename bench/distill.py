@@ -38,19 +38,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kdcache.distill.config import DistillConfig  # noqa: E402
+from kdcache.distill.feed import to_input  # noqa: E402
+from kdcache.distill.loop import BatchMaker, epoch_batches, prefetch_depth, train_epoch  # noqa: E402
+from kdcache.distill.progress import place_on_device  # noqa: E402
+from kdcache.distill.recipe import Recipe  # noqa: E402
+from kdcache.distill.setup import build_run, make_optimizer  # noqa: E402
+from kdcache.distill.teachers import OnlineTeacher  # noqa: E402
+from kdcache.models.factory import create_model  # noqa: E402
+from kdcache.models.runtime import init_runtime  # noqa: E402
+from kdcache.precompute.config import PrecomputeConfig  # noqa: E402
+from kdcache.precompute.run import run as precompute  # noqa: E402
+
 from bench.common import write_cifar100, write_jpegs  # noqa: E402
 from bench.timm_loops import PeerMode  # noqa: E402
-from distill.config import DistillConfig  # noqa: E402
-from distill.feed import to_input  # noqa: E402
-from distill.loop import BatchMaker, epoch_batches, prefetch_depth, train_epoch  # noqa: E402
-from distill.progress import place_on_device  # noqa: E402
-from distill.recipe import Recipe  # noqa: E402
-from distill.setup import build_run, make_optimizer  # noqa: E402
-from distill.teachers import OnlineTeacher  # noqa: E402
-from models.factory import create_model  # noqa: E402
-from models.runtime import init_runtime  # noqa: E402
-from precompute.config import PrecomputeConfig  # noqa: E402
-from precompute.run import run as precompute  # noqa: E402
 
 GOAL_CE, GOAL_PLAIN, GOAL_IDEAL = 0.98, 0.98, 0.97
 

@@ -32,12 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kdcache.models.factory import create_model  # noqa: E402
+from kdcache.models.runtime import resolve_device  # noqa: E402
+from kdcache.precompute.config import PrecomputeConfig  # noqa: E402
+
 import bench.distill as bd  # noqa: E402
 import bench.precompute as bp  # noqa: E402
 from bench.common import write_cifar100, write_jpegs  # noqa: E402
-from models.factory import create_model  # noqa: E402
-from models.runtime import resolve_device  # noqa: E402
-from precompute.config import PrecomputeConfig  # noqa: E402
 
 SCENARIOS = {
     "imagenet-like": dict(

@@ -34,13 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import precompute.loop as ploop  # noqa: E402
-import precompute.run as prun  # noqa: E402
+import kdcache.precompute.loop as ploop  # noqa: E402
+import kdcache.precompute.run as prun  # noqa: E402
+from kdcache.models.factory import create_model  # noqa: E402
+from kdcache.models.runtime import resolve_device  # noqa: E402
+from kdcache.precompute.config import PrecomputeConfig  # noqa: E402
+from kdcache.precompute.setup import build_setup  # noqa: E402
+
 from bench.common import write_cifar100  # noqa: E402
-from models.factory import create_model  # noqa: E402
-from models.runtime import resolve_device  # noqa: E402
-from precompute.config import PrecomputeConfig  # noqa: E402
-from precompute.setup import build_setup  # noqa: E402
 
 GOAL = 0.90
 

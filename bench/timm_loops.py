@@ -7,12 +7,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-from distill.config import DistillConfig
-from distill.feed import prefetch_depth
-from distill.loop import BatchMaker, epoch_batches
-from distill.progress import place_on_device
-from distill.setup import build_run, make_optimizer
+from kdcache.distill.config import DistillConfig
+from kdcache.distill.feed import prefetch_depth
+from kdcache.distill.loop import BatchMaker, epoch_batches
+from kdcache.distill.progress import place_on_device
+from kdcache.distill.setup import build_run, make_optimizer
 
 
 def _raw(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

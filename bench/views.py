@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.views import get_policy, view_params_for  # noqa: E402
+from kdcache.data.views import get_policy, view_params_for  # noqa: E402
 
 log = logging.getLogger("bench.views")
 

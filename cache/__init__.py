@@ -1,3 +1,3 @@
-from cache.errors import CacheCorruptError, CacheLockedError, KdcacheError
+from kdcache.cache.errors import CacheCorruptError, CacheLockedError, KdcacheError
 
 __all__ = ["KdcacheError", "CacheLockedError", "CacheCorruptError"]

@@ -16,13 +16,12 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
-
-from cache import remote
-from cache.dtypes import STORED_DTYPES, decode, encode  # noqa: F401 - re-exported
-from cache.errors import KdcacheError
-from cache.remote import is_remote, local_path, split_hdf5  # noqa: F401 - re-exported
-from cache.sparse import get_codec
-from cache.spec import CacheSpec
+from kdcache.cache import remote
+from kdcache.cache.dtypes import STORED_DTYPES, decode, encode  # noqa: F401 - re-exported
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.remote import is_remote, local_path, split_hdf5  # noqa: F401 - re-exported
+from kdcache.cache.sparse import get_codec
+from kdcache.cache.spec import CacheSpec
 
 log = logging.getLogger(__name__)
 
@@ -158,5 +157,5 @@ def exists(path: str, storage_options: dict | None = None) -> bool:
     return remote.exists(split_hdf5(path)[0] or path, storage_options)
 
 
-from cache.hdf5_backend import HDF5Backend  # noqa: E402 - needs Backend above
-from cache.zarr_backend import ZarrBackend  # noqa: E402
+from kdcache.cache.hdf5_backend import HDF5Backend  # noqa: E402 - needs Backend above
+from kdcache.cache.zarr_backend import ZarrBackend  # noqa: E402

@@ -11,8 +11,8 @@ import base64
 import hashlib
 import json
 
-from cache.errors import CacheCorruptError, KdcacheError
-from cache.schema import plain_name
+from kdcache.cache.errors import CacheCorruptError, KdcacheError
+from kdcache.cache.schema import plain_name
 
 TOKENIZER = "tokenizer"
 

@@ -11,11 +11,10 @@ import logging
 import os
 
 import numpy as np
-
-from cache.backends import infer_backend
-from cache.errors import KdcacheError
-from cache.reader import MULTI
-from cache.share import (
+from kdcache.cache.backends import infer_backend
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.reader import MULTI
+from kdcache.cache.share import (
     Destination,
     _check_same_dst,
     chunk_bytes,
@@ -23,9 +22,9 @@ from cache.share import (
     open_target,
     progress_bar,
 )
-from cache.sparse import describe, kl_sum
-from cache.spec import CacheSpec
-from cache.store import open_cache, read_meta
+from kdcache.cache.sparse import describe, kl_sum
+from kdcache.cache.spec import CacheSpec
+from kdcache.cache.store import open_cache, read_meta
 
 log = logging.getLogger(__name__)
 KL_TEMPERATURES = (1.0, 4.0)
@@ -129,6 +128,6 @@ class _Spec:
 
 
 def _entry_bytes(spec: CacheSpec) -> int:
-    from cache.sparse import get_codec
+    from kdcache.cache.sparse import get_codec
 
     return get_codec(spec).entry_bytes()

@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-
-from cache.dtypes import mix64
-from cache.errors import KdcacheError
+from kdcache.cache.dtypes import mix64
+from kdcache.cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 

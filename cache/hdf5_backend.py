@@ -9,13 +9,12 @@ import os
 from typing import Any
 
 import numpy as np
-
-from cache import remote
-from cache.backends import META_KEY, Backend, layout, row_arrays
-from cache.errors import CacheCorruptError, CacheLockedError, KdcacheError
-from cache.remote import is_remote, split_hdf5
-from cache.sparse import get_codec
-from cache.spec import CacheSpec, canonical_json
+from kdcache.cache import remote
+from kdcache.cache.backends import META_KEY, Backend, layout, row_arrays
+from kdcache.cache.errors import CacheCorruptError, CacheLockedError, KdcacheError
+from kdcache.cache.remote import is_remote, split_hdf5
+from kdcache.cache.sparse import get_codec
+from kdcache.cache.spec import CacheSpec, canonical_json
 
 
 def open_error(file: str, e: OSError) -> KdcacheError:

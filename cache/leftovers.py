@@ -16,8 +16,8 @@ import re
 import shutil
 import time
 
-from cache import remote
-from cache.lock import pid_alive
+from kdcache.cache import remote
+from kdcache.cache.lock import pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from cache import remote
-from cache.errors import CacheLockedError, KdcacheError
+from kdcache.cache import remote
+from kdcache.cache.errors import CacheLockedError, KdcacheError
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def acquire(
     for _attempt in range(3):
         try:
             lf.create(data)
-            from cache.leftovers import lock_temps
+            from kdcache.cache.leftovers import lock_temps
 
             lock_temps(lf.url)
             return WriterLock(path, record, storage_options)
@@ -247,7 +247,7 @@ def take_over(
             lf.create(data)
         except FileExistsError:
             raise _refusal(path, read_lock(path, storage_options) or {}) from None
-        from cache.leftovers import lock_temps
+        from kdcache.cache.leftovers import lock_temps
 
         lock_temps(lf.url)
         return WriterLock(path, record, storage_options)

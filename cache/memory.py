@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from cache.dtypes import decode
-from cache.errors import KdcacheError
-from cache.sparse import Codec
+from kdcache.cache.dtypes import decode
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.sparse import Codec
 
 
 class InMemoryLogits:

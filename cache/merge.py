@@ -14,13 +14,12 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import numpy as np
-
-from cache.backends import backend_class, infer_backend
-from cache.errors import KdcacheError
-from cache.reader import MULTI, Cache, _first
-from cache.share import Destination, chunk_bytes, for_backend, open_target, progress_bar
-from cache.spec import FORMAT_VERSION, describe_diff
-from cache.store import make_provenance, open_members
+from kdcache.cache.backends import backend_class, infer_backend
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.reader import MULTI, Cache, _first
+from kdcache.cache.share import Destination, chunk_bytes, for_backend, open_target, progress_bar
+from kdcache.cache.spec import FORMAT_VERSION, describe_diff
+from kdcache.cache.store import make_provenance, open_members
 
 log = logging.getLogger(__name__)
 SHARED = ("dataset", "views", "format_version")  # what teachers of one store must share

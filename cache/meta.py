@@ -6,10 +6,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import numpy as np
-
-from cache.backends import open_backend
-from cache.schema import check_meta
-from cache.spec import FORMAT_VERSION, CacheSpec
+from kdcache.cache.backends import open_backend
+from kdcache.cache.schema import check_meta
+from kdcache.cache.spec import FORMAT_VERSION, CacheSpec
 
 
 def make_provenance(extra: dict | None = None) -> dict:

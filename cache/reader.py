@@ -13,20 +13,19 @@ import logging
 from typing import Any
 
 import numpy as np
-
-from cache.backends import Backend
-from cache.epoch import (  # noqa: F401 - re-exported: the reader API
+from kdcache.cache.backends import Backend
+from kdcache.cache.epoch import (  # noqa: F401 - re-exported: the reader API
     Batch,
     choose_augs,
     default_memory_budget,
     iter_epoch,
     training_source,
 )
-from cache.errors import CacheCorruptError, KdcacheError
-from cache.memory import InMemoryLogits
-from cache.schema import MULTI, check_counts, check_meta
-from cache.sparse import Codec, get_codec
-from cache.spec import FORMAT_VERSION, CacheSpec
+from kdcache.cache.errors import CacheCorruptError, KdcacheError
+from kdcache.cache.memory import InMemoryLogits
+from kdcache.cache.schema import MULTI, check_counts, check_meta
+from kdcache.cache.sparse import Codec, get_codec
+from kdcache.cache.spec import FORMAT_VERSION, CacheSpec
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +255,7 @@ class Cache:
         meta = self.attrs.get("tokenizer")
         if meta is None:
             return {}
-        from cache.blobs import TOKENIZER, unpack_files
+        from kdcache.cache.blobs import TOKENIZER, unpack_files
 
         blob = self._b.read_blob(TOKENIZER)
         unpack_files(blob, meta, self.path)
@@ -268,14 +267,14 @@ class Cache:
         meta = self.attrs.get("tokenizer")
         if meta is None:
             return None
-        from cache.blobs import TOKENIZER, unpack_files
+        from kdcache.cache.blobs import TOKENIZER, unpack_files
 
         return unpack_files(self._b.read_blob(TOKENIZER), meta, self.path)
 
     def structure_problems(self) -> list[str]:
         """The cheap structural checks of `verify` (no chunk reads): every array has the
         shape and stored dtype the spec implies, and the attrs key is the spec's key."""
-        from cache.backends import layout
+        from kdcache.cache.backends import layout
 
         problems = []
         targets = self.codec.layout()

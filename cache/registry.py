@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 
 def registry_decorator(registry: dict, kind: str) -> Callable:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 MULTI = "multi-teacher"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

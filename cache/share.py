@@ -15,15 +15,14 @@ import os
 from typing import Any
 
 import numpy as np
+from kdcache.cache import leftovers, remote
+from kdcache.cache import lock as lockmod
+from kdcache.cache.backends import backend_class, exists, infer_backend, open_backend
+from kdcache.cache.errors import CacheCorruptError, KdcacheError
+from kdcache.cache.reader import MULTI, Cache
+from kdcache.cache.spec import CacheSpec, describe_diff
+from kdcache.cache.store import CacheWriter, new_meta, open_cache, open_members, read_meta
 from tqdm import tqdm
-
-from cache import leftovers, remote
-from cache import lock as lockmod
-from cache.backends import backend_class, exists, infer_backend, open_backend
-from cache.errors import CacheCorruptError, KdcacheError
-from cache.reader import MULTI, Cache
-from cache.spec import CacheSpec, describe_diff
-from cache.store import CacheWriter, new_meta, open_cache, open_members, read_meta
 
 log = logging.getLogger(__name__)
 

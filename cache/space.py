@@ -15,8 +15,8 @@ from __future__ import annotations
 import errno
 import os
 
-from cache import remote
-from cache.errors import DiskFullError
+from kdcache.cache import remote
+from kdcache.cache.errors import DiskFullError
 
 MARGIN_BYTES = 256 << 10  # HDF5 B-tree nodes, zarr.json rewrites, the lock file
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from cache.dtypes import GOLDEN, STORED_DTYPES, decode, encode, mix64
-from cache.errors import KdcacheError
+from kdcache.cache.dtypes import GOLDEN, STORED_DTYPES, decode, encode, mix64
+from kdcache.cache.errors import KdcacheError
 
 FLOAT_DTYPES = tuple(STORED_DTYPES)
 TAIL_FLOOR_MASS = 1e-4  # sampled: total probability given to the classes never drawn

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from cache.errors import KdcacheError
-from cache.sparse import check_storage
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.sparse import check_storage
 
 FORMAT_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32")

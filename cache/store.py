@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from cache import leftovers, remote, space
-from cache import lock as lockmod
-from cache.backends import (
+from kdcache.cache import leftovers, remote, space
+from kdcache.cache import lock as lockmod
+from kdcache.cache.backends import (
     ZarrBackend,
     backend_class,
     exists,
@@ -21,11 +20,11 @@ from cache.backends import (
     local_path,
     open_backend,
 )
-from cache.errors import KdcacheError
-from cache.meta import make_provenance, new_meta, read_meta
-from cache.reader import MULTI, Cache, chunk_digest
-from cache.spec import CacheSpec, dataset_fingerprint, describe_diff
-from cache.writer import CacheWriter
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.meta import make_provenance, new_meta, read_meta
+from kdcache.cache.reader import MULTI, Cache, chunk_digest
+from kdcache.cache.spec import CacheSpec, dataset_fingerprint, describe_diff
+from kdcache.cache.writer import CacheWriter
 
 __all__ = [
     "chunk_digest", "create_cache", "make_provenance", "merge_shards", "new_meta", "open_cache",
@@ -154,7 +153,7 @@ def create_cache(
             meta = new_meta(spec, provenance)
             blobs = {}
             if tokenizer:
-                from cache.blobs import TOKENIZER, pack_files
+                from kdcache.cache.blobs import TOKENIZER, pack_files
 
                 blobs[TOKENIZER], meta["tokenizer"] = pack_files(tokenizer)
             if is_remote(path):  # no rename on object stores: arrays first, attrs last
@@ -237,6 +236,6 @@ def merge_shards(
     break_lock: bool = False,
 ) -> str:
     """Join caches of the same spec whose done chunks are disjoint and cover all chunks."""
-    from cache.merge import merge_shards as merge
+    from kdcache.cache.merge import merge_shards as merge
 
     return merge(out_path, shard_paths, overwrite=overwrite, backend=backend, break_lock=break_lock)

@@ -7,11 +7,11 @@ import logging
 import os
 from typing import Any
 
-from cache import remote
-from cache.errors import KdcacheError
-from cache.reader import MULTI, Cache
-from cache.sparse import describe
-from cache.store import open_cache, read_meta
+from kdcache.cache import remote
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.reader import MULTI, Cache
+from kdcache.cache.sparse import describe
+from kdcache.cache.store import open_cache, read_meta
 
 log = logging.getLogger(__name__)
 

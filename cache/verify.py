@@ -9,13 +9,12 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
-
-from cache import remote
-from cache.dtypes import decode
-from cache.errors import CacheCorruptError
-from cache.reader import MULTI, Cache
-from cache.spec import dataset_fingerprint
-from cache.store import chunk_digest, open_cache, read_meta
+from kdcache.cache import remote
+from kdcache.cache.dtypes import decode
+from kdcache.cache.errors import CacheCorruptError
+from kdcache.cache.reader import MULTI, Cache
+from kdcache.cache.spec import dataset_fingerprint
+from kdcache.cache.store import chunk_digest, open_cache, read_meta
 
 log = logging.getLogger(__name__)
 

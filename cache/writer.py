@@ -7,12 +7,11 @@ import logging
 from datetime import datetime, timezone
 
 import numpy as np
-
-from cache import leftovers, space
-from cache import lock as lockmod
-from cache.backends import Backend, decode
-from cache.errors import KdcacheError
-from cache.reader import Cache, _first, chunk_digest
+from kdcache.cache import leftovers, space
+from kdcache.cache import lock as lockmod
+from kdcache.cache.backends import Backend, decode
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.reader import Cache, _first, chunk_digest
 
 log = logging.getLogger(__name__)
 

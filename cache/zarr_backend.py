@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from cache import remote
-from cache.backends import META_KEY, Backend, layout, row_arrays
-from cache.errors import KdcacheError
-from cache.remote import is_remote
-from cache.sparse import get_codec
-from cache.spec import CacheSpec
+from kdcache.cache import remote
+from kdcache.cache.backends import META_KEY, Backend, layout, row_arrays
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.remote import is_remote
+from kdcache.cache.sparse import get_codec
+from kdcache.cache.spec import CacheSpec
 
 
 class ZarrBackend(Backend):

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from cache.errors import KdcacheError
-from cache.registry import Entry, lookup, registry_decorator  # noqa: F401 - the idiom
-from cache.spec import dataset_fingerprint
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.registry import Entry, lookup, registry_decorator  # noqa: F401 - the idiom
+from kdcache.cache.spec import dataset_fingerprint
 
 
 @runtime_checkable

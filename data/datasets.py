@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
-from cache.spec import dataset_fingerprint
-from data.base import lookup, missing_split, registry_decorator
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.spec import dataset_fingerprint
+from kdcache.data.base import lookup, missing_split, registry_decorator
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +104,10 @@ def load_dataset(
 
 def _register_streaming() -> None:
     """The streaming sources live in their own modules; importing them registers them."""
-    import data.hfds  # noqa: F401
-    import data.imagefolder  # noqa: F401
-    import data.text  # noqa: F401
-    import data.wds  # noqa: F401
+    import kdcache.data.hfds  # noqa: F401
+    import kdcache.data.imagefolder  # noqa: F401
+    import kdcache.data.text  # noqa: F401
+    import kdcache.data.wds  # noqa: F401
 
 
 def _default_root(root) -> str:

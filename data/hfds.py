@@ -15,10 +15,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from cache.errors import KdcacheError
-from data.base import DECODE_RULE, SourceBase, decode_image, missing_split
-from data.datasets import register_source
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.base import DECODE_RULE, SourceBase, decode_image, missing_split
+from kdcache.data.datasets import register_source
 
 IMAGE_NAMES = ("image", "img", "jpg", "png")
 TEXT_NAMES = ("text", "sentence", "content", "document")

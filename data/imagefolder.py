@@ -11,10 +11,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from cache.errors import KdcacheError
-from data.base import DECODE_RULE, SourceBase, decode_image, missing_split
-from data.datasets import register_source
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.base import DECODE_RULE, SourceBase, decode_image, missing_split
+from kdcache.data.datasets import register_source
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLIT_NAMES = ("train", "val", "validation", "test", "valid")

@@ -17,8 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 
 def use_batched(dataset, policy) -> bool:
@@ -43,7 +42,7 @@ class ViewMaker:
 
     def draw(self, sample: int, seed: int, num_augs: int, identity_view: bool, raw=None):
         """Decode once, draw the A params (on the original size), cut the A views."""
-        from data.views import view_params_for
+        from kdcache.data.views import view_params_for
 
         raw = self.dataset.load(sample) if raw is None else raw
         sizes = None
@@ -201,7 +200,7 @@ def make_policy(name: str, dataset, info: dict, image_size: int | None = None,
     native-resolution sources; in-RAM 32x32 sources keep their raw-tensor identity and
     crop-flip (the fast batched path, unchanged bytes). Text: identity or token-mask.
     """
-    from data.views import get_policy
+    from kdcache.data.views import get_policy
 
     if dataset.modality == "text":
         if name not in TEXT_POLICIES:
@@ -249,7 +248,7 @@ def rows_to_samples(cache_keys: list[str], dataset) -> np.ndarray:
 
 def ordered_fingerprint(dataset, order: np.ndarray | None) -> str:
     """The dataset fingerprint of a cache's rows: keys + labels in row order."""
-    from cache.spec import dataset_fingerprint
+    from kdcache.cache.spec import dataset_fingerprint
 
     if order is None:
         return dataset.fingerprint()

@@ -7,9 +7,8 @@ import hashlib
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
-from data.base import ViewPolicy
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.base import ViewPolicy
 
 _U64 = (1 << 64) - 1
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
-from data.base import SourceBase, missing_split
-from data.datasets import register_source
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.base import SourceBase, missing_split
+from kdcache.data.datasets import register_source
 
 
 class TextDataset(SourceBase):

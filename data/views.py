@@ -23,17 +23,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from cache.errors import KdcacheError
-from data.base import lookup, registry_decorator
-from data.params import (  # noqa: F401 - re-exported: the views API
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.base import lookup, registry_decorator
+from kdcache.data.params import (  # noqa: F401 - re-exported: the views API
     _sample_key,
     philox_uniforms,
     view_digest,
     view_params_for,
 )
-from data.text import _seed_scores, text_inputs, tokenize_texts  # noqa: F401 - views API
-from data.transforms import crop_resize, eval_transform, rrc_boxes
+from kdcache.data.text import _seed_scores, text_inputs, tokenize_texts  # noqa: F401 - views API
+from kdcache.data.transforms import crop_resize, eval_transform, rrc_boxes
 
 POLICIES: dict = {}
 register_policy = registry_decorator(POLICIES, "view policy")

@@ -23,10 +23,9 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-
-from cache.errors import KdcacheError
-from data.base import DECODE_RULE, SourceBase, decode_image, missing_split
-from data.datasets import register_source
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.base import DECODE_RULE, SourceBase, decode_image, missing_split
+from kdcache.data.datasets import register_source
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt",)

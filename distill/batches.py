@@ -11,10 +11,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
-from data.loader import ReplayLoader, ViewMaker, batched_views, use_batched
-from distill.feed import pin_batch, prefetch
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.loader import ReplayLoader, ViewMaker, batched_views, use_batched
+from kdcache.distill.feed import pin_batch, prefetch
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
@@ -41,7 +40,7 @@ def plan_epoch(
     """Global (samples, augs) batches: one seeded view per sample, every cached view, or K
     distinct views per sample kept adjacent (one decode; a batch holds batch_size // K
     samples). Without a cache (num_augs 1) aug k means the k-th fresh draw."""
-    from cache.reader import choose_augs
+    from kdcache.cache.reader import choose_augs
 
     rng = _rng(seed, epoch)
     k = views_per_sample(views)
@@ -92,7 +91,7 @@ class BatchMaker:
 
     def _plan(self, samples, augs, epoch, t_logits=None, sliced: bool = False) -> dict:
         """Everything of a batch but its views (made here or in a worker)."""
-        from data.views import view_params_for
+        from kdcache.data.views import view_params_for
 
         if not sliced:  # rank r takes every world-th sample (with all of its views)
             g = self.group
@@ -175,7 +174,7 @@ def epoch_batches(
     t = make.teacher
     make.group = max(1, views_per_sample(views))
     if t is not None and getattr(t, "chunked", None) is not None:
-        from cache.reader import iter_epoch
+        from kdcache.cache.reader import iter_epoch
 
         if 1 < t.num_augs < make.group:
             raise KdcacheError(

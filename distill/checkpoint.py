@@ -17,9 +17,8 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from cache import leftovers, space
-from cache.errors import DiskFullError, KdcacheError
+from kdcache.cache import leftovers, space
+from kdcache.cache.errors import DiskFullError, KdcacheError
 
 log = logging.getLogger(__name__)
 

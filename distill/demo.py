@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill.plots import compare_runs
+from kdcache.distill.plots import compare_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def checkpoint_defaults(weights: str) -> dict:
 
 def _cache_view_size(path: str, storage_options: dict | None) -> int | list | None:
     """The output size of the cache's views (rrc-flip), which training evaluated at."""
-    from cache.meta import read_meta
+    from kdcache.cache.meta import read_meta
 
     try:
         meta = read_meta(path, storage_options or None)
@@ -94,10 +93,10 @@ def run_evaluate(
     per_class: bool = False,
 ) -> dict:
     """Evaluate `weights` on one split; returns top1/top5/loss (and per-class rows)."""
-    from data.datasets import load_dataset
-    from data.views import get_policy
-    from models.factory import create_model
-    from models.runtime import resolve_device
+    from kdcache.data.datasets import load_dataset
+    from kdcache.data.views import get_policy
+    from kdcache.models.factory import create_model
+    from kdcache.models.runtime import resolve_device
 
     given = {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size}
     ck = checkpoint_defaults(weights)
@@ -114,7 +113,7 @@ def run_evaluate(
     ds = load_dataset(args["dataset"], root=args["data_root"], split=split)
     net, info = create_model(args["model"], num_classes=num_classes, weights=weights)
     if info.get("modality") == "text":
-        from distill.setup import _tokenize
+        from kdcache.distill.setup import _tokenize
 
         _tokenize(ds, info)
         policy = get_policy("identity")
@@ -130,7 +129,7 @@ def run_evaluate(
         # the eval view of training on 32x32 data: un-augmented, resized to --image-size
         policy = get_policy("identity", size=image_size)
     elif info.get("modality") != "text":  # native images: the model's own eval transform
-        from data.loader import make_policy
+        from kdcache.data.loader import make_policy
 
         policy = make_policy("identity", ds, info, image_size)
     stats = _evaluate(net.to(dev), ds, policy, dev, batch_size)
@@ -147,9 +146,9 @@ def run_evaluate(
 
 def _evaluate(net, ds, policy, device, batch_size: int) -> dict:
     """Per-class top-1/top-5 hits and CE sums over every sample's eval view."""
-    from distill.feed import to_input
-    from distill.loop import eval_batches
-    from models.runtime import forward
+    from kdcache.distill.feed import to_input
+    from kdcache.distill.loop import eval_batches
+    from kdcache.models.runtime import forward
 
     net.eval()
     labels = np.asarray(ds.labels, dtype=np.int64)

@@ -7,8 +7,7 @@ import threading
 from collections.abc import Iterator
 
 import torch
-
-from models.runtime import to_device
+from kdcache.models.runtime import to_device
 
 
 def prefetch_depth(device: torch.device, workers: int = 0) -> int:

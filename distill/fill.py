@@ -13,15 +13,14 @@ import logging
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
-from distill.feed import to_input
+from kdcache.cache.errors import KdcacheError
+from kdcache.distill.feed import to_input
 
 log = logging.getLogger(__name__)
 
 
 def _check(cache, path: str, dataset, num_classes: int, teacher) -> None:
-    from data.loader import cache_rows
+    from kdcache.data.loader import cache_rows
 
     if cache.n != len(dataset) or not cache_rows(cache.spec.dataset, cache.keys, dataset)[1]:
         raise KdcacheError(
@@ -61,15 +60,15 @@ def fill_missing(
     path: str, storage_options: dict | None, dataset, num_classes: int, teacher, batch_size: int
 ) -> int:
     """Fill every chunk of `path` that is not done; returns how many were computed."""
-    from cache.store import open_cache
-    from data.loader import (
+    from kdcache.cache.store import open_cache
+    from kdcache.data.loader import (
         ViewMaker,
         cache_rows,
         chunk_batches,
         clean_errors,
         precompute_loader,
     )
-    from data.views import get_policy
+    from kdcache.data.views import get_policy
 
     with open_cache(path, "r", storage_options or None) as ro:
         _check(ro, path, dataset, num_classes, teacher)
@@ -101,7 +100,7 @@ def fill_missing(
 def fill_missing_rank0(rt, *args) -> int:
     """Under torchrun only rank 0 fills (one writer lock); the others wait for it and share
     its error, so every rank stops with the same one-line message."""
-    from models.runtime import broadcast_object
+    from kdcache.models.runtime import broadcast_object
 
     done, err = 0, None
     if rt.is_main:

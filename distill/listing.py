@@ -23,7 +23,7 @@ def entries(kind: str, pattern: str | None = None) -> list[dict[str, Any]]:
 
 
 def _losses() -> list[dict[str, Any]]:
-    from distill.losses import LOSSES, loss_hparams
+    from kdcache.distill.losses import LOSSES, loss_hparams
 
     return [
         {
@@ -39,8 +39,8 @@ def _losses() -> list[dict[str, Any]]:
 def _models(pattern: str | None) -> list[dict[str, Any]]:
     import fnmatch
 
-    from models.cifar_zoo import CIFAR_MODELS
-    from models.factory import MODEL_SOURCES
+    from kdcache.models.cifar_zoo import CIFAR_MODELS
+    from kdcache.models.factory import MODEL_SOURCES
 
     rows: list[dict[str, Any]] = [
         {"source": key, "help": src.help, "names": []} for key, src in MODEL_SOURCES.items()
@@ -58,14 +58,14 @@ def _models(pattern: str | None) -> list[dict[str, Any]]:
 
 
 def _datasets() -> list[dict[str, Any]]:
-    from data.datasets import SOURCES, _register_streaming
+    from kdcache.data.datasets import SOURCES, _register_streaming
 
     _register_streaming()
     return [{"name": name, "help": src.help} for name, src in SOURCES.items()]
 
 
 def _views() -> list[dict[str, Any]]:
-    from data.views import POLICIES
+    from kdcache.data.views import POLICIES
 
     rows = []
     for name, cls in POLICIES.items():

@@ -10,17 +10,16 @@ from collections import defaultdict
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from distill.batches import (  # noqa: F401 - re-exported: the stage-2 loop API
+from kdcache.distill.batches import (  # noqa: F401 - re-exported: the stage-2 loop API
     BatchMaker,
     epoch_batches,
     eval_batches,
     plan_epoch,
     views_per_sample,
 )
-from distill.feed import prefetch_depth, to_input
-from distill.recipe import DeviceSums, Recipe, warmup_factor
-from models.runtime import forward
+from kdcache.distill.feed import prefetch_depth, to_input
+from kdcache.distill.recipe import DeviceSums, Recipe, warmup_factor
+from kdcache.models.runtime import forward
 
 __all__ = ["BatchMaker", "epoch_batches", "eval_batches", "evaluate_model", "plan_epoch"]
 __all__ += ["prefetch_depth", "train_epoch", "views_per_sample"]

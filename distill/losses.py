@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kdcache.distill.hparams import check_values, domain_of
+from kdcache.distill.hparams import is_real as _real
 from torch import Tensor
-
-from distill.hparams import check_values, domain_of
-from distill.hparams import is_real as _real
 
 LossFn = Callable[[Tensor, "Tensor | None", Tensor], dict[str, Tensor]]
 

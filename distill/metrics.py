@@ -55,6 +55,6 @@ class MetricsLog:
         """Write the run's report figure (report.png) and one PNG per panel."""
         if not (self.enabled and plots and self.records):
             return []
-        from distill.plots import write_plots
+        from kdcache.distill.plots import write_plots
 
         return write_plots(self.records, self.out, title)

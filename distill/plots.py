@@ -29,7 +29,7 @@ LABELS = {
 def run_title(cfg, teachers: list[str]) -> str:
     """`resnet8 ← resnet32x4 · loss kd (T=4, alpha=0.9) · cifar100/train`."""
     try:
-        from distill.losses import loss_defaults
+        from kdcache.distill.losses import loss_defaults
 
         hps = {**loss_defaults(cfg.loss), **(cfg.hparams or {})}
     except ValueError:

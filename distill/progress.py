@@ -7,10 +7,9 @@ import logging
 import time
 
 import torch
+from kdcache.cache.errors import KdcacheError
+from kdcache.distill.steplog import interval_row
 from tqdm import tqdm
-
-from cache.errors import KdcacheError
-from distill.steplog import interval_row
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def check_options(cfg) -> None:
     if cfg.ema and not 0.0 < cfg.ema_decay < 1.0:
         raise KdcacheError(f"--ema-decay {cfg.ema_decay} must lie in (0, 1)")
     if cfg.tensorboard:
-        from distill.steplog import require_tensorboard
+        from kdcache.distill.steplog import require_tensorboard
 
         require_tensorboard()
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 
 @dataclass

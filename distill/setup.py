@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
-from distill.config import DistillConfig
+from kdcache.cache.errors import KdcacheError
+from kdcache.distill.config import DistillConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ class Run:
 
 
 def _loss(cfg: DistillConfig):
-    from distill.losses import get_loss, loss_defaults, loss_needs_teacher
+    from kdcache.distill.losses import get_loss, loss_defaults, loss_needs_teacher
 
     hp = dict(cfg.hparams)
     try:
@@ -45,7 +44,7 @@ def _loss(cfg: DistillConfig):
 
 def _check_hparams(cfg: DistillConfig, num_classes: int) -> None:
     """Domains that need K (lsr-os-tc: c > 1/K), before any file is written."""
-    from distill.losses import check_hparams
+    from kdcache.distill.losses import check_hparams
 
     try:
         check_hparams(cfg.loss, dict(cfg.hparams), num_classes)
@@ -56,8 +55,8 @@ def _check_hparams(cfg: DistillConfig, num_classes: int) -> None:
 def _tokenize(ds, info: dict, max_length: int | None = None):
     """A text source is batched with its tokenizer: dynamic padding, truncation at the
     cache's (or the model's) max_length. Returns the tokenizer."""
-    from data.text import TextCollate
-    from models.factory import load_tokenizer
+    from kdcache.data.text import TextCollate
+    from kdcache.models.factory import load_tokenizer
 
     tok = load_tokenizer(info)
     ds.collate = TextCollate(tok, max_length or info["preprocessing"]["max_length"])
@@ -66,8 +65,8 @@ def _tokenize(ds, info: dict, max_length: int | None = None):
 
 def _policy(cfg: DistillConfig, cache, info: dict, dataset, tok=None):
     """The cache's view policy (replayed), or --augment when training without a cache."""
-    from data.loader import make_policy
-    from data.views import get_policy
+    from kdcache.data.loader import make_policy
+    from kdcache.data.views import get_policy
 
     if cache is not None:  # the stored params rebuild the very policy the teacher saw
         name, kw = cache.spec.views["policy"], dict(cache.spec.views.get("params") or {})
@@ -80,10 +79,10 @@ def _policy(cfg: DistillConfig, cache, info: dict, dataset, tok=None):
 
 def build_run(cfg: DistillConfig, rt) -> Run:
     """Everything is validated here, before a single step or file write."""
-    from data.datasets import load_dataset
-    from distill.recipe import ce_weight, reg_count, with_label_smoothing
-    from distill.teachers import CachedTeacher, MrKDTeacher, open_caches
-    from models.factory import create_model
+    from kdcache.data.datasets import load_dataset
+    from kdcache.distill.recipe import ce_weight, reg_count, with_label_smoothing
+    from kdcache.distill.teachers import CachedTeacher, MrKDTeacher, open_caches
+    from kdcache.models.factory import create_model
 
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
@@ -93,7 +92,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             f"--batch-size {cfg.batch_size} is smaller than the world size "
             f"{rt.world_size}; it is the global batch"
         )
-    from distill.loop import views_per_sample
+    from kdcache.distill.loop import views_per_sample
 
     views_per_sample(cfg.views)  # validated before anything runs
     loss_fn, needs_teacher, hp = _loss(cfg)
@@ -144,13 +143,13 @@ def build_run(cfg: DistillConfig, rt) -> Run:
         )
     teacher = online = None
     if cfg.teacher:
-        from distill.teachers import OnlineTeacher
+        from kdcache.distill.teachers import OnlineTeacher
 
         online = OnlineTeacher.create(
             cfg.teacher, cfg.teacher_weights, num_classes, rt.device, cfg.amp, cfg.compile
         )
     if cfg.fill_missing:
-        from distill.fill import fill_missing_rank0
+        from kdcache.distill.fill import fill_missing_rank0
 
         fill_missing_rank0(rt, cfg.caches[0], cfg.storage_options, train, num_classes, online, 256)
         online = None  # the cache is complete now: train from it
@@ -167,7 +166,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
     if modality == "text":
         tok_info = {"modality": "text", **cache0.spec.teacher} if cache0 is not None else info
         if cache0 is not None:  # the tokenizer stored in the cache, not the teacher's path
-            from models.factory import check_vocab, load_tokenizer
+            from kdcache.models.factory import check_vocab, load_tokenizer
 
             tok_info["tokenizer_files"] = cache0.tokenizer_files()
             check_vocab(info, load_tokenizer(tok_info), cache0.spec.teacher.get("name"))
@@ -225,7 +224,7 @@ def _ignore_teacher(fn):
 
 def _fallback_ce(fn):
     """MrKD before its first snapshot has no teacher: plain CE."""
-    from distill.losses import get_loss
+    from kdcache.distill.losses import get_loss
 
     ce = get_loss("ce")
     return lambda s, t, y: ce(s, None, y) if t is None else fn(s, t, y)

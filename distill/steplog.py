@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 

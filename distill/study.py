@@ -21,9 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdcache.cache.errors import KdcacheError
 from tqdm import tqdm
-
-from cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +108,7 @@ def _slug(label: str) -> str:
 
 def plan(spec: StudySpec) -> list[PlannedRun]:
     """Every (student, loss variant, seed) run, with hyper-parameters checked up front."""
-    from distill.losses import check_hparams, loss_defaults, loss_needs_cache
+    from kdcache.distill.losses import check_hparams, loss_defaults, loss_needs_cache
 
     runs = []
     unknown = set(spec.hparam_grid) - {"*"} - set(spec.losses)
@@ -146,8 +145,8 @@ def run_config(spec: StudySpec, r: PlannedRun) -> dict:
     """The DistillConfig fields of one run (what `run.json` holds). Hyper-parameters are
     stored resolved (the loss's defaults + the grid's values), so a run finished under an
     older default is refused on resume instead of being reported as if it had the new one."""
-    from distill.config import DistillConfig
-    from distill.losses import loss_defaults
+    from kdcache.distill.config import DistillConfig
+    from kdcache.distill.losses import loss_defaults
 
     base = dict(spec.distill)
     base.update(
@@ -197,7 +196,7 @@ def _launch(r: PlannedRun, cfg: dict, threads: int) -> tuple[PlannedRun, int]:
         shutil.rmtree(train)  # killed before its first checkpoint: start it over
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "distill.study_worker", str(r.dir), str(threads)]
+    cmd = [sys.executable, "-m", "kdcache.distill.study_worker", str(r.dir), str(threads)]
     with open(r.dir / "log.txt", "w") as logf:
         p = subprocess.run(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=env)
     return r, p.returncode
@@ -212,7 +211,7 @@ def cores() -> int:
 
 def run_study(spec: StudySpec) -> dict:
     """Train what is missing (in parallel), then write the report; returns its summary."""
-    from distill.study_stats import load_results, write_report
+    from kdcache.distill.study_stats import load_results, write_report
 
     runs = plan(spec)
     baseline = spec.baseline or variant_label(spec.losses[0], {})

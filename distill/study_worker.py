@@ -1,4 +1,4 @@
-"""One run of a study, in its own process: `python -m distill.study_worker RUN_DIR THREADS`.
+"""One run of a study, in its own process: `python -m kdcache.distill.study_worker RUN_DIR THREADS`.
 
 Reads RUN_DIR/run.json (a DistillConfig), trains (resuming from RUN_DIR/train/last.pt when a
 previous attempt was killed), and writes RUN_DIR/result.json last and atomically: a run with
@@ -26,10 +26,9 @@ def result_of(record: dict, seconds: float) -> dict:
 
 def main(run_dir: str, threads: int) -> int:
     import torch
-
-    from cache.errors import KdcacheError
-    from distill.config import DistillConfig
-    from distill.train import run
+    from kdcache.cache.errors import KdcacheError
+    from kdcache.distill.config import DistillConfig
+    from kdcache.distill.train import run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     torch.set_num_threads(threads)

@@ -9,8 +9,7 @@ import logging
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +18,7 @@ def open_caches(paths: list[str], dataset, num_classes: int, storage_options: di
     """Open every cache read-only (never writes, also for URLs) and refuse any that does not
     match the dataset given. A multi-teacher store (`cache merge`) counts as all its members;
     sparse caches (top-k, sampled) read as full-width logits."""
-    from cache.store import open_members
+    from kdcache.cache.store import open_members
 
     caches, names = [], []
     for p in paths:
@@ -27,7 +26,7 @@ def open_caches(paths: list[str], dataset, num_classes: int, storage_options: di
         caches += members
         names += [p] if len(members) == 1 else [c.path for c in members]
     paths = names
-    from data.loader import cache_rows
+    from kdcache.data.loader import cache_rows
 
     first = caches[0]
     rows0 = None
@@ -173,7 +172,7 @@ class OnlineTeacher:
         compile: bool = False,
     ) -> OnlineTeacher:
         """`distill --teacher NAME [--teacher-weights P]`: built by the shared model factory."""
-        from models.factory import create_model
+        from kdcache.models.factory import create_model
 
         model, info = create_model(name, num_classes=num_classes, weights=weights)
         if info.get("modality", "image") != "image":
@@ -187,7 +186,7 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def logits(self, samples, augs, views) -> torch.Tensor:
-        from models.runtime import forward
+        from kdcache.models.runtime import forward
 
         if isinstance(views, torch.Tensor) and views.dim() == 4:
             if views.dtype == torch.uint8:
@@ -255,8 +254,8 @@ class MrKDTeacher:
 
     @torch.no_grad()
     def logits(self, samples, augs, views) -> torch.Tensor | None:
-        from distill.losses import knowledge_adjust
-        from models.runtime import forward
+        from kdcache.distill.losses import knowledge_adjust
+        from kdcache.models.runtime import forward
 
         if not self.copies:
             return None

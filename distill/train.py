@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
-from distill.checkpoint import commit_epoch, prepare_out
-from distill.config import DistillConfig
-from distill.loop import (
+from kdcache.distill.checkpoint import commit_epoch, prepare_out
+from kdcache.distill.config import DistillConfig
+from kdcache.distill.loop import (
     BatchMaker,
     epoch_batches,
     evaluate_model,
@@ -24,13 +22,14 @@ from distill.loop import (
     train_epoch,
     views_per_sample,
 )
-from distill.metrics import MetricsLog
-from distill.plots import run_title
-from distill.progress import EpochBar, check_options, place_on_device
-from distill.recipe import ModelEma, Recipe, steps_per_epoch, warmup_factor
-from distill.setup import build_run, make_optimizer, make_scheduler
-from distill.steplog import StepLog
-from models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
+from kdcache.distill.metrics import MetricsLog
+from kdcache.distill.plots import run_title
+from kdcache.distill.progress import EpochBar, check_options, place_on_device
+from kdcache.distill.recipe import ModelEma, Recipe, steps_per_epoch, warmup_factor
+from kdcache.distill.setup import build_run, make_optimizer, make_scheduler
+from kdcache.distill.steplog import StepLog
+from kdcache.models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

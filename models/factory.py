@@ -12,22 +12,21 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch import nn
-
-from cache.errors import KdcacheError
-from models.sources import (  # noqa: F401 - MODEL_SOURCES re-exported (kdcache list)
+from kdcache.cache.errors import KdcacheError
+from kdcache.models.sources import (  # noqa: F401 - MODEL_SOURCES re-exported (kdcache list)
     _BUILDERS,
     _PREPROCESSORS,
     MODEL_SOURCES,
     model_source,
 )
-from models.weights import (
+from kdcache.models.weights import (
     first_line,
     load_weights_into,
     num_outputs,
     read_weights,
     state_dict_sha256,
 )
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def create_model(
     state = read_weights(weights) if weights else None
     source = model_source(name)
     if source == "hf:":
-        from models.hf import create_hf_model
+        from kdcache.models.hf import create_hf_model
 
         if init_seed is not None:
             raise KdcacheError(f"{name!r} is loaded with from_pretrained; it has no random init")
@@ -158,7 +157,7 @@ def load_tokenizer(info: dict):
     """The tokenizer of a text model's info: the files stored in its cache when given
     (``tokenizer_files``, from ``Cache.tokenizer_files()``: a pulled cache is
     self-contained), else ``preprocessing.tokenizer`` (a local path or hub id)."""
-    from models.hf import load_hf_tokenizer, tokenizer_from_files
+    from kdcache.models.hf import load_hf_tokenizer, tokenizer_from_files
 
     if info.get("modality") != "text":
         raise KdcacheError(f"model {info.get('name')!r} is not a text model; it has no tokenizer")
@@ -170,7 +169,7 @@ def load_tokenizer(info: dict):
 def check_vocab(student: dict, tok, teacher: str) -> None:
     """A text student must embed every token id of the cache's tokenizer (the replayed views
     are those ids); otherwise one error naming both sizes instead of an IndexError."""
-    from models.hf import vocab_size
+    from kdcache.models.hf import vocab_size
 
     have, need = int(student.get("vocab_size") or 0), vocab_size(tok)
     if have and need > have:

@@ -11,17 +11,16 @@ import glob
 import hashlib
 import os
 
-from torch import nn
-
-from cache.errors import KdcacheError
-from models.factory import DEFAULT_TEXT_MAX_LENGTH, TextClassifier
-from models.weights import (
+from kdcache.cache.errors import KdcacheError
+from kdcache.models.factory import DEFAULT_TEXT_MAX_LENGTH, TextClassifier
+from kdcache.models.weights import (
     WeightsFile,
     first_line,
     load_weights_into,
     sha256_file,
     state_dict_sha256,
 )
+from torch import nn
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 

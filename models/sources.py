@@ -4,12 +4,11 @@ name is recognised (``tv:``, ``hf:``, the CIFAR zoo, timm), built and its prepro
 
 from __future__ import annotations
 
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.registry import registry_decorator
+from kdcache.models.cifar_zoo import CIFAR100_MEAN, CIFAR100_STD, CIFAR_MODELS, create_cifar_model
+from kdcache.models.weights import load_matching
 from torch import nn
-
-from cache.errors import KdcacheError
-from cache.registry import registry_decorator
-from models.cifar_zoo import CIFAR100_MEAN, CIFAR100_STD, CIFAR_MODELS, create_cifar_model
-from models.weights import load_matching
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,9 +13,8 @@ import os
 from collections.abc import Callable, Mapping
 
 import torch
+from kdcache.cache.errors import KdcacheError
 from torch import nn
-
-from cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
-from models.runtime import Runtime, forward, to_device
-from precompute.config import PrecomputeConfig
-from precompute.setup import Setup
+from kdcache.cache.errors import KdcacheError
+from kdcache.models.runtime import Runtime, forward, to_device
+from kdcache.precompute.config import PrecomputeConfig
+from kdcache.precompute.setup import Setup
 
 
 def prepare_chunk(setup: Setup, start: int, stop: int, batch_size: int, pin: bool = False):
@@ -138,7 +137,7 @@ def chunk_loader(setup: Setup, cfg: PrecomputeConfig, ranges, pin: bool = False)
     """Per chunk range, a generator of its loader batches (dicts with rows, views, params) made
     by DataLoader worker processes, each sample decoded once for its A views; batches never
     straddle chunks. Consume each chunk's batches before asking for the next chunk."""
-    from data.loader import chunk_batches, clean_errors, precompute_loader
+    from kdcache.data.loader import chunk_batches, clean_errors, precompute_loader
 
     a = setup.spec.num_augs
     loader = precompute_loader(

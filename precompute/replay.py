@@ -5,19 +5,18 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-
-from cache.errors import KdcacheError
+from kdcache.cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
 
 
 def replay_problems(cache, data_root: str | None) -> list[str]:
     """Recompute the stored view digests from the dataset and the stored params."""
-    from data.datasets import load_dataset
-    from data.loader import ViewMaker, batched_views, cache_rows, use_batched
-    from data.text import TextCollate
-    from data.views import get_policy, view_digest
-    from precompute.setup import _as_tensor
+    from kdcache.data.datasets import load_dataset
+    from kdcache.data.loader import ViewMaker, batched_views, cache_rows, use_batched
+    from kdcache.data.text import TextCollate
+    from kdcache.data.views import get_policy, view_digest
+    from kdcache.precompute.setup import _as_tensor
 
     spec = cache.spec
     digests = (cache.attrs.get("provenance") or {}).get("replay_digests") or []
@@ -33,7 +32,7 @@ def replay_problems(cache, data_root: str | None) -> list[str]:
         return [f"dataset at {data_root!r} does not match the cache's dataset fingerprint"]
     collate = None
     if ds.modality == "text":
-        from models.factory import load_tokenizer
+        from kdcache.models.factory import load_tokenizer
 
         files = cache.tokenizer_files()
         tok = load_tokenizer({"modality": "text", **spec.teacher, "tokenizer_files": files})
@@ -61,8 +60,8 @@ def run_verify(
     storage_options: dict | None = None,
 ) -> list[str]:
     """All problems found in a cache (empty list: it is sound)."""
-    from cache.store import open_cache
-    from cache.verify import verify
+    from kdcache.cache.store import open_cache
+    from kdcache.cache.verify import verify
 
     problems = verify(path, storage_options=storage_options or None)
     if replay:

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
-from cache.backends import backend_class, exists
-from cache.errors import DiskFullError, KdcacheError
-from models.runtime import (
+from kdcache.cache.backends import backend_class, exists
+from kdcache.cache.errors import DiskFullError, KdcacheError
+from kdcache.models.runtime import (
     Runtime,
     barrier,
     broadcast_object,
@@ -25,16 +23,17 @@ from models.runtime import (
     shutdown,
     write_run_config,
 )
-from precompute import loop as chunk_loop
-from precompute.config import PrecomputeConfig
-from precompute.setup import Setup, build_setup, resolve_out_path
+from kdcache.precompute import loop as chunk_loop
+from kdcache.precompute.config import PrecomputeConfig
+from kdcache.precompute.setup import Setup, build_setup, resolve_out_path
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
 
 def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
     """Rank 0 creates (or resumes) the store under its lock; other ranks join it."""
-    from cache.store import create_cache
+    from kdcache.cache.store import create_cache
 
     hdf5 = setup.backend == "hdf5"
     kwargs = dict(
@@ -76,8 +75,8 @@ def _tokenizer_files(setup: Setup) -> dict | None:
     """A text teacher's tokenizer, stored inside the cache (self-contained when pulled)."""
     if setup.modality != "text":
         return None
-    from models.factory import load_tokenizer
-    from models.hf import tokenizer_files
+    from kdcache.models.factory import load_tokenizer
+    from kdcache.models.hf import tokenizer_files
 
     return tokenizer_files(load_tokenizer(setup.info))
 
@@ -138,7 +137,7 @@ def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer
         writer.close()
         barrier(rt)
         if rt.is_main:
-            from cache.store import merge_shards
+            from kdcache.cache.store import merge_shards
 
             shards = [f"{path}.rank{r}-of{rt.world_size}.h5" for r in range(rt.world_size)]
             merge_shards(path, shards)
@@ -155,7 +154,7 @@ def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer
 
 def summarize(path: str, setup: Setup, seconds: float, computed: int, storage_options) -> dict:
     """The final one-screen summary of a run."""
-    from cache.tools import info
+    from kdcache.cache.tools import info
 
     d = info(path, storage_options=storage_options or None)
     spec = setup.spec

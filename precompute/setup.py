@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from cache.errors import KdcacheError
-from cache.spec import CacheSpec
-from precompute.config import PrecomputeConfig
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.spec import CacheSpec
+from kdcache.precompute.config import PrecomputeConfig
 
 SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
 
@@ -40,20 +39,20 @@ class Setup:
     @property
     def batched(self) -> bool:
         """In-RAM images + a batched policy: the in-thread tensor path."""
-        from data.loader import use_batched
+        from kdcache.data.loader import use_batched
 
         return use_batched(self.dataset, self.policy)
 
     def view_params(self, samples: np.ndarray) -> np.ndarray:
         """(B, A, P) params keyed only by (seed, sample, aug) (batched path: same-size images)."""
-        from data.views import view_params_for
+        from kdcache.data.views import view_params_for
 
         v = self.spec.views
         return view_params_for(self.policy, v["seed"], samples, v["num_augs"], v["identity_view"])
 
     def row_views(self, row: int) -> tuple[object, np.ndarray]:
         """(A views, (A, P) params) of one cache row, made in this thread."""
-        from data.loader import batched_views
+        from kdcache.data.loader import batched_views
 
         v = self.spec.views
         sample = int(self.order[row])
@@ -104,7 +103,7 @@ def _user() -> str:
 
 def replay_digests(setup: Setup, count: int = 3) -> list[dict]:
     """Hashes of a few view tensors, so `cache verify --replay` can prove replay."""
-    from data.views import view_digest
+    from kdcache.data.views import view_digest
 
     n, a = setup.spec.n, setup.spec.num_augs
     picks = sorted({(0, 0), (n - 1, a - 1), (n // 2, min(1, a - 1))})[:count]
@@ -136,10 +135,10 @@ def _num_classes_arg(cfg: PrecomputeConfig, dataset) -> int | None:
 
 def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Setup:
     """Validate options early (before anything is written) and resolve the spec."""
-    from data.datasets import load_dataset
-    from data.loader import ViewMaker, make_policy, ordered_fingerprint, row_order
-    from data.text import TextCollate
-    from models.factory import create_model, load_tokenizer
+    from kdcache.data.datasets import load_dataset
+    from kdcache.data.loader import ViewMaker, make_policy, ordered_fingerprint, row_order
+    from kdcache.data.text import TextCollate
+    from kdcache.models.factory import create_model, load_tokenizer
 
     _check_options(cfg)
     dataset = load_dataset(

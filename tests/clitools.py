@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(*args: str, ok: bool = True):
     """Invoke `cli.py ARGS` in-process; assert the exit code when ok=True."""
-    from cli import main
+    from kdcache.cli import main
 
     res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     if ok:

@@ -11,15 +11,14 @@ import h5py
 import numpy as np
 import pytest
 import zarr
-
-from cache import lock as lockmod
-from cache.backends import ZarrBackend, open_backend
-from cache.errors import CacheLockedError, KdcacheError
-from cache.reader import InMemoryLogits, choose_augs, iter_epoch, training_source
-from cache.spec import CacheSpec, dataset_fingerprint
-from cache.store import create_cache, merge_shards, open_cache, shard_path
-from cache.tools import format_info, info
-from cache.verify import verify
+from kdcache.cache import lock as lockmod
+from kdcache.cache.backends import ZarrBackend, open_backend
+from kdcache.cache.errors import CacheLockedError, KdcacheError
+from kdcache.cache.reader import InMemoryLogits, choose_augs, iter_epoch, training_source
+from kdcache.cache.spec import CacheSpec, dataset_fingerprint
+from kdcache.cache.store import create_cache, merge_shards, open_cache, shard_path
+from kdcache.cache.tools import format_info, info
+from kdcache.cache.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 N, A, C, P, CS = 50, 3, 7, 2, 16  # 4 chunks, the last one holds 2 samples
@@ -73,8 +72,8 @@ def run_child(code: str) -> subprocess.CompletedProcess:
 CHILD = """
 import json, numpy as np, sys
 sys.path.insert(0, {repo!r})
-from cache.spec import CacheSpec
-from cache.store import create_cache
+from kdcache.cache.spec import CacheSpec
+from kdcache.cache.store import create_cache
 spec = CacheSpec.from_dict(json.loads({spec!r}))
 LABELS = np.arange({n}) % {c}
 LOGITS, VIEWS = np.load({data!r} + "/l.npy"), np.load({data!r} + "/v.npy")
@@ -102,7 +101,9 @@ def path(tmp_path, backend):
 
 class TestContract:
     def test_round_trip(self, path, backend, monkeypatch):
-        monkeypatch.setattr("cache.backends.INNER_CHUNK_BYTES", 256)  # 3 rows per inner chunk
+        monkeypatch.setattr(
+            "kdcache.cache.backends.INNER_CHUNK_BYTES", 256
+        )  # 3 rows per inner chunk
         write(path, make_spec(dtype="float32"))
         with open_cache(str(path)) as c:
             assert (c.n, c.num_augs, c.num_classes, c.n_chunks) == (N, A, C, 4)

@@ -68,7 +68,7 @@ def test_unknown_and_bad_config_keys_are_one_line_errors(tmp_path):
 
 
 def test_precompute_config_next_to_cache_repeats_bit_identically(tmp_path):
-    from models.factory import create_model
+    from kdcache.models.factory import create_model
 
     torch.manual_seed(0)
     weights = tmp_path / "t.pt"
@@ -108,9 +108,8 @@ def test_precompute_bad_input_leaves_no_config(tmp_path):
 
 def test_config_value_shapes_convert():
     import click
-
-    from cli import distill
-    from cliconfig import read_config
+    from kdcache.cli import distill
+    from kdcache.cliconfig import read_config
 
     p = {x.name: x for x in distill.params}
     assert isinstance(p["hparams" if "hparams" in p else "hparam"], click.Option)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.spec import dataset_fingerprint
+from kdcache.data.datasets import RawDataset, load_dataset
 
-from cache.errors import KdcacheError
-from cache.spec import dataset_fingerprint
-from data.datasets import RawDataset, load_dataset
 from tests.conftest import cifar_arrays
 
 

@@ -29,7 +29,7 @@ TRAIN = [
 
 
 def _weights(tmp_path, name="resnet8", seed=0) -> str:
-    from models.factory import create_model
+    from kdcache.models.factory import create_model
 
     torch.manual_seed(seed)
     model, _ = create_model(name, num_classes=10)
@@ -80,12 +80,12 @@ def _records(run) -> list[dict]:
 def test_caching_changes_nothing_but_speed(cache, tmp_path):
     """Same student, same seeds: the cached teacher and a live teacher on the replayed views
     give the same losses step by step (within float16 storage tolerance)."""
-    from distill.config import DistillConfig
-    from distill.loop import BatchMaker, epoch_batches, train_epoch
-    from distill.setup import build_run, make_optimizer
-    from distill.teachers import OnlineTeacher
-    from models.factory import create_model
-    from models.runtime import init_runtime
+    from kdcache.distill.config import DistillConfig
+    from kdcache.distill.loop import BatchMaker, epoch_batches, train_epoch
+    from kdcache.distill.setup import build_run, make_optimizer
+    from kdcache.distill.teachers import OnlineTeacher
+    from kdcache.models.factory import create_model
+    from kdcache.models.runtime import init_runtime
 
     rt = init_runtime("cpu")
     cfg = DistillConfig(
@@ -207,9 +207,9 @@ def test_resume_continues_bit_identically(cache, tmp_path):
 
 
 def test_ensemble_teacher_view_mean_and_views_all(cache, cache_dir):
-    from distill.config import DistillConfig
-    from distill.setup import build_run
-    from models.runtime import init_runtime
+    from kdcache.distill.config import DistillConfig
+    from kdcache.distill.setup import build_run
+    from kdcache.models.runtime import init_runtime
 
     other = _cache(cache_dir, "other.zarr", weight_seed=1)
     rt = init_runtime("cpu")

@@ -15,14 +15,14 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from kdcache.cache import lock as lockmod
+from kdcache.cache.backends import open_backend
+from kdcache.cache.errors import CacheCorruptError, CacheLockedError, DiskFullError, KdcacheError
+from kdcache.cache.schema import plain_name
+from kdcache.cache.spec import CacheSpec, dataset_fingerprint
+from kdcache.cache.store import create_cache, open_cache, open_members
+from kdcache.cache.verify import verify
 
-from cache import lock as lockmod
-from cache.backends import open_backend
-from cache.errors import CacheCorruptError, CacheLockedError, DiskFullError, KdcacheError
-from cache.schema import plain_name
-from cache.spec import CacheSpec, dataset_fingerprint
-from cache.store import create_cache, open_cache, open_members
-from cache.verify import verify
 from tests.clitools import cli
 from tests.test_cache import respec, write
 from tests.test_share import same_bytes
@@ -168,7 +168,7 @@ def test_5_hdf5_truncated_or_flipped_is_corrupt_not_locked(tmp_path):
         import subprocess
         import sys
 
-        code = f"from cache.store import open_cache\nopen_cache({path!r})"
+        code = f"from kdcache.cache.store import open_cache\nopen_cache({path!r})"
         proc = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True,
             env={**os.environ, "PYTHONPATH": os.getcwd()},
@@ -220,7 +220,8 @@ def test_7_concurrent_takeovers_one_winner(tmp_path):
     _stale_lock(path)
     done = tmp_path / "all-tried"
     code = (
-        "import os, sys, time\nfrom cache import lock\nfrom cache.errors import CacheLockedError\n"
+        "import os, sys, time\nfrom kdcache.cache import lock\n"
+        "from kdcache.cache.errors import CacheLockedError\n"
         f"try:\n    l = lock.acquire({str(path)!r})\nexcept CacheLockedError:\n    sys.exit(3)\n"
         f"while not os.path.exists({str(done)!r}):\n    time.sleep(0.02)\n"
     )
@@ -315,7 +316,7 @@ def test_2_real_enospc_without_the_space_check(tmp_path, small_disk, monkeypatch
     """The disk fills while a chunk is written (as when another process takes the space):
     HDF5 reports it late, from its caches; the handle is abandoned unflushed and the file
     keeps the state of its last finished chunk."""
-    from cache import space
+    from kdcache.cache import space
 
     ref = tmp_path / f"ref{suffix}"
     write_big(ref)
@@ -352,8 +353,8 @@ def test_2_full_disk_pull_hdf5_one_error_line_then_resume(tmp_path, small_disk):
 def test_2_enospc_simulated(tmp_path, monkeypatch, suffix):
     """ENOSPC from the write layer mid-chunk (what another process filling the disk causes,
     after the free-space check passed): one DiskFullError, the file stays consistent."""
-    from cache import space
-    from cache.backends import backend_class
+    from kdcache.cache import space
+    from kdcache.cache.backends import backend_class
 
     ref = write_big(tmp_path / f"ref{suffix}")  # noqa: F841
     path = tmp_path / f"c{suffix}"

@@ -8,9 +8,9 @@ import os
 import h5py
 import numpy as np
 import pytest
+from kdcache.cache.store import open_cache
+from kdcache.cache.verify import verify
 
-from cache.store import open_cache
-from cache.verify import verify
 from tests.clitools import cli
 from tests.test_guarantees import _dead_pid, edit_spec, err_line, mounted_small_disk
 from tests.test_share import same_bytes
@@ -35,7 +35,7 @@ def _ck(path):
 
 
 def test_6_killed_between_last_and_best_resume_rewrites_best(tmp_path, monkeypatch):
-    from distill import checkpoint
+    from kdcache.distill import checkpoint
 
     out = tmp_path / "run"
 
@@ -91,8 +91,7 @@ def test_11_resume_with_changed_settings_refused_naming_fields(tmp_path):
 def test_2_full_disk_checkpoint_one_error_line_no_temp(tmp_path, monkeypatch):
     """torch.save into a full disk (simulated: torch's own error text, little free space)."""
     import torch
-
-    from distill import checkpoint
+    from kdcache.distill import checkpoint
 
     out = tmp_path / "run"
     cli(*TRAIN, "--epochs", "2", "--max-steps", "2", "--out", out)
@@ -142,8 +141,7 @@ def test_3_random_teacher_needs_random_init_and_is_reproducible(tmp_path):
 
 def test_3_weights_file_origin_shown(tmp_path):
     import torch
-
-    from models.factory import create_model
+    from kdcache.models.factory import create_model
 
     model, _ = create_model("resnet8", num_classes=10, init_seed=3)
     torch.save(model.state_dict(), tmp_path / "teacher-v2.pt")
@@ -203,7 +201,7 @@ def test_12_student_with_other_vocabulary_one_error_line(tmp_path, make_text_fil
                         intermediate_size=32, max_position_embeddings=64, num_labels=3)  # fmt: skip
     BertForSequenceClassification(config).save_pretrained(small)
     with open_cache(str(cache)) as c:
-        from models.factory import load_tokenizer
+        from kdcache.models.factory import load_tokenizer
 
         n_tok = len(load_tokenizer({"modality": "text", "name": "t",
                                     "tokenizer_files": c.tokenizer_files()}))  # fmt: skip
@@ -213,7 +211,7 @@ def test_12_student_with_other_vocabulary_one_error_line(tmp_path, make_text_fil
 
 
 def test_2_precompute_hdf5_full_disk_then_rerun_bit_identical(tmp_path, small_disk, monkeypatch):
-    from cache import space
+    from kdcache.cache import space
 
     disk, resize = small_disk
     args = ["precompute", "--teacher", "resnet8", "--random-init", "--dataset", "digits",

@@ -8,7 +8,7 @@ from tests.clitools import cli
 
 
 def test_list_losses_shows_every_hparam_default_and_domain():
-    from distill.losses import LOSSES
+    from kdcache.distill.losses import LOSSES
 
     rows = json.loads(cli("list", "losses", "--json").output)
     assert [r["name"] for r in rows] == list(LOSSES)
@@ -22,7 +22,7 @@ def test_list_losses_shows_every_hparam_default_and_domain():
 
 
 def test_list_views_and_datasets_come_from_the_registries(monkeypatch):
-    from data.views import POLICIES, CropFlip
+    from kdcache.data.views import POLICIES, CropFlip
 
     rows = json.loads(cli("list", "views", "--json").output)
     crop = next(r for r in rows if r["name"] == "crop-flip")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from kdcache.cache.store import open_cache
 
-from cache.store import open_cache
 from tests.clitools import cli
 from tests.datatools import make_jpeg_folder
 from tests.test_precompute import _arrays
@@ -61,8 +61,14 @@ def test_same_bytes_for_any_workers_batch_size_and_resume(tmp_path, folder):
 
 
 def test_loader_views_identical_across_workers(folder):
-    from data.datasets import load_dataset
-    from data.loader import ViewMaker, chunk_batches, make_policy, precompute_loader, row_order
+    from kdcache.data.datasets import load_dataset
+    from kdcache.data.loader import (
+        ViewMaker,
+        chunk_batches,
+        make_policy,
+        precompute_loader,
+        row_order,
+    )
 
     ds = load_dataset("imagefolder", root=folder)
     info = {"preprocessing": {"input_size": [3, 40, 40], "crop_pct": 0.875,
@@ -96,7 +102,7 @@ def test_identity_view_logits_match_timm_eval_transform(tmp_path, folder):
     cli("precompute", "--teacher", "resnet18", "--weights", w, "--dataset", "imagefolder",
         "--data-root", folder, "--augment", "rrc-flip", "--num-augs", "2", "--max-samples", "4",
         "--out", out)  # fmt: skip
-    from models.factory import create_model
+    from kdcache.models.factory import create_model
 
     net = create_model("resnet18", num_classes=3, weights=w)[0].net.eval()
     assert isinstance(net, timm.models.ResNet)
@@ -111,7 +117,7 @@ def test_identity_view_logits_match_timm_eval_transform(tmp_path, folder):
 def test_chunk_aware_batches_are_class_mixed(tmp_path, make_imagefolder):
     """Class-sorted folder, chunk-aware reading: distinct classes per batch within 10 % of a
     uniform shuffle (in dataset order a chunk is one class: ~4 of 10 per batch)."""
-    from cache.reader import iter_epoch
+    from kdcache.cache.reader import iter_epoch
 
     root = make_imagefolder(n_per_class=16, classes=tuple(f"c{i}" for i in range(10)),
                             size=(12, 10))  # fmt: skip
@@ -132,10 +138,10 @@ def test_chunk_aware_batches_are_class_mixed(tmp_path, make_imagefolder):
 
 
 def test_ddp_ranks_read_only_their_chunks(tmp_path, folder, monkeypatch):
-    from cache.reader import Cache
-    from data.datasets import load_dataset
-    from distill.loop import BatchMaker, epoch_batches
-    from distill.teachers import CachedTeacher, open_caches
+    from kdcache.cache.reader import Cache
+    from kdcache.data.datasets import load_dataset
+    from kdcache.distill.loop import BatchMaker, epoch_batches
+    from kdcache.distill.teachers import CachedTeacher, open_caches
 
     w = _weights(tmp_path, "resnet8", 3)
     _precompute(folder, tmp_path / "d.zarr", w, "--chunk-samples", "2")
@@ -165,7 +171,7 @@ def test_ddp_ranks_read_only_their_chunks(tmp_path, folder, monkeypatch):
 
 
 def teacher_policy(cache):
-    from data.views import get_policy
+    from kdcache.data.views import get_policy
 
     return get_policy(cache.spec.views["policy"], **cache.spec.views["params"])
 
@@ -173,8 +179,8 @@ def teacher_policy(cache):
 def _cached_teacher(tmp_path, folder):
     """A permuted rrc-flip cache of `folder` opened for distill: (weights, dataset, caches,
     teacher, the cache's view policy)."""
-    from data.datasets import load_dataset
-    from distill.teachers import CachedTeacher, open_caches
+    from kdcache.data.datasets import load_dataset
+    from kdcache.distill.teachers import CachedTeacher, open_caches
 
     w = _weights(tmp_path, "resnet8", 3)
     _precompute(folder, tmp_path / "t.zarr", w)
@@ -186,7 +192,7 @@ def _cached_teacher(tmp_path, folder):
 
 def test_distill_replays_rows_through_keys(tmp_path, folder):
     """A permuted cache: the replayed view of row r is the stored view of file keys[r]."""
-    from distill.loop import BatchMaker
+    from kdcache.distill.loop import BatchMaker
 
     w, ds, caches, teacher, pol = _cached_teacher(tmp_path, folder)
     rows, augs = np.array([3, 0, 8]), np.array([1, 2, 0])
@@ -195,7 +201,7 @@ def test_distill_replays_rows_through_keys(tmp_path, folder):
     for j, (r, a) in enumerate(zip(rows, augs, strict=True)):
         img = ds.load(ds.keys.index(keys[r]))
         assert torch.equal(b["views"][j], pol.view(img, params[r, a]))
-    from models.factory import create_model
+    from kdcache.models.factory import create_model
 
     model, _ = create_model("resnet8", num_classes=3, weights=w)
     with torch.no_grad():
@@ -226,8 +232,8 @@ def test_text_hfds_dynamic_padding_and_max_length(tmp_path, tiny_bert_dir, tiny_
 
 def test_views_k_decodes_each_sample_once(tmp_path, folder, monkeypatch):
     """--views K: K distinct cached views of one decoded sample, adjacent in the batch."""
-    from distill.loop import BatchMaker, epoch_batches
-    from distill.teachers import CachedTeacher
+    from kdcache.distill.loop import BatchMaker, epoch_batches
+    from kdcache.distill.teachers import CachedTeacher
 
     w, ds, caches, teacher, pol = _cached_teacher(tmp_path, folder)
     loads = []
@@ -315,8 +321,9 @@ def test_hfds_images_and_wds_shards_end_to_end(tmp_path, monkeypatch):
 def test_key_names_the_source_kind_not_its_location(tmp_path):
     import shutil
 
-    from precompute.config import PrecomputeConfig
-    from precompute.setup import build_setup
+    from kdcache.precompute.config import PrecomputeConfig
+    from kdcache.precompute.setup import build_setup
+
     from tests.datatools import hf_image_dataset
 
     hf_image_dataset(3).save_to_disk(str(tmp_path / "a"))

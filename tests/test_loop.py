@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from distill.loop import train_epoch
-from distill.recipe import (
+from kdcache.distill.loop import train_epoch
+from kdcache.distill.recipe import (
     DeviceSums,
     ModelEma,
     Recipe,
@@ -44,7 +43,7 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 def _kd():
-    from distill.losses import get_loss
+    from kdcache.distill.losses import get_loss
 
     return get_loss("kd")
 
@@ -103,7 +102,7 @@ def test_no_host_sync_between_log_points(monkeypatch):
 
 
 def test_sums_are_exact_and_match_per_step_values():
-    from distill.losses import regularization_samples
+    from kdcache.distill.losses import regularization_samples
 
     batches = _batches(5, 7)
     fn = lambda s, t, y: reg_count(s, t, y, T=4.0)  # noqa: E731
@@ -193,7 +192,7 @@ def test_ema_follows_timm_warmup_decay():
 
 
 def test_label_smoothing_of_the_ce_term():
-    from distill.losses import get_loss
+    from kdcache.distill.losses import get_loss
 
     torch.manual_seed(0)
     s, t, y = torch.randn(16, 5), torch.randn(16, 5), torch.randint(0, 5, (16,))
@@ -211,7 +210,7 @@ def test_views_replay_on_the_device_of_the_images():
     """crop-flip and identity (the batched in-RAM policies) build every index on the images'
     device (a CUDA run keeps the dataset there); the meta device fails on any stray CPU tensor.
     rrc-flip works per sample on the original image, in the loader's workers."""
-    from data.views import get_policy
+    from kdcache.data.views import get_policy
 
     raw = torch.zeros(4, 3, 8, 8, dtype=torch.uint8, device="meta")
     for name, kw, p in (
@@ -228,7 +227,7 @@ def test_inputs_and_eager_prefetch():
     import threading
     import time
 
-    from distill.feed import prefetch, to_input
+    from kdcache.distill.feed import prefetch, to_input
 
     raw = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
     x = to_input(raw, CPU, channels_last=True)

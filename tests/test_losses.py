@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cache.errors import KdcacheError
-from distill.losses import (
+from kdcache.cache.errors import KdcacheError
+from kdcache.distill.losses import (
     LOSSES,
     check_hparams,
     combine_teachers,
@@ -320,7 +319,7 @@ def _tiny_student():
 
 
 def test_mrkd_teacher_schedule_and_adjusted_ensemble():
-    from distill.teachers import MrKDTeacher
+    from kdcache.distill.teachers import MrKDTeacher
 
     model = _tiny_student()
     labels = np.array([0, 1, 2, 0])
@@ -423,10 +422,11 @@ def test_bad_hparam_is_one_error_line_before_out_exists(tmp_path):
 
 def test_mrkd_with_a_cache_trains_on_the_cached_views(tmp_path):
     """Every loss of a study sees the same views: MrKD ignores the cached logits, not the views."""
-    from distill.config import DistillConfig
-    from distill.setup import build_run
-    from models.factory import create_model
-    from models.runtime import init_runtime
+    from kdcache.distill.config import DistillConfig
+    from kdcache.distill.setup import build_run
+    from kdcache.models.factory import create_model
+    from kdcache.models.runtime import init_runtime
+
     from tests.clitools import cli
 
     torch.manual_seed(0)

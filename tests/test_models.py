@@ -7,11 +7,10 @@ import urllib.error
 
 import pytest
 import torch
-
-from cache.errors import KdcacheError
-from data.views import get_policy, tokenize_texts
-from models.factory import create_model, load_tokenizer, model_input_size
-from models.weights import state_dict_sha256
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.views import get_policy, tokenize_texts
+from kdcache.models.factory import create_model, load_tokenizer, model_input_size
+from kdcache.models.weights import state_dict_sha256
 
 
 def _count(model: torch.nn.Module) -> int:

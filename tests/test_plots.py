@@ -7,10 +7,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from kdcache.distill.config import DistillConfig  # noqa: E402
+from kdcache.distill.plots import _draw, _panels, compare_runs, run_title, write_plots  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from distill.config import DistillConfig  # noqa: E402
-from distill.plots import _draw, _panels, compare_runs, run_title, write_plots  # noqa: E402
 
 
 def _records(n: int = 7) -> list[dict]:

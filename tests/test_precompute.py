@@ -12,15 +12,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from kdcache.cache.store import open_cache
 
-from cache.store import open_cache
 from tests.clitools import ROOT, cli, cli_proc, proc_env, torchrun
 
 DIGITS = ["--dataset", "digits", "--teacher", "resnet8", "--num-augs", "2"]
 
 
 def _save_weights(tmp_path, name: str, num_classes: int) -> str:
-    from models.factory import create_model
+    from kdcache.models.factory import create_model
 
     torch.manual_seed(0)
     model, _ = create_model(name, num_classes=num_classes)
@@ -52,9 +52,9 @@ def _same_bytes(a: str, b: str) -> None:
 
 def test_resnet34_cache_is_the_teacher_on_the_replayed_views(tmp_path, make_cifar):
     """Real timm resnet34 on CIFAR pickles: cached logits == teacher(view(params))."""
-    from data.datasets import load_dataset
-    from data.views import get_policy
-    from models.factory import create_model
+    from kdcache.data.datasets import load_dataset
+    from kdcache.data.views import get_policy
+    from kdcache.models.factory import create_model
 
     root = make_cifar("cifar10", n_train=12, n_test=4)
     weights = _save_weights(tmp_path, "resnet34", 5)
@@ -312,7 +312,7 @@ def test_text_teacher_with_token_mask(tmp_path, make_text_file, tiny_bert_dir):
 
 
 def _nan_weights(tmp_path) -> str:
-    from models.factory import create_model
+    from kdcache.models.factory import create_model
 
     model, _ = create_model("resnet8", num_classes=10)
     sd = model.state_dict()

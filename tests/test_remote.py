@@ -13,9 +13,10 @@ import pytest
 
 pytest.importorskip("moto.server")
 
-from cache.backends import backend_class, exists
-from cache.errors import KdcacheError
-from cache.store import create_cache, open_cache
+from kdcache.cache.backends import backend_class, exists
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.store import create_cache, open_cache
+
 from tests.clitools import cli
 from tests.s3tools import FAKE_ENV, http_requests, start_http, start_moto
 from tests.test_cache import KEYS, LABELS, LOGITS, VIEWS, make_spec, write
@@ -44,7 +45,7 @@ def err(res) -> str:
 
 def same_bytes(a, b) -> bool:
     """Every array of two caches holds the same bytes (dense or sparse)."""
-    from cache.backends import layout, open_backend
+    from kdcache.cache.backends import layout, open_backend
 
     x, y = open_backend(str(a), False), open_backend(str(b), False)
     try:

@@ -7,13 +7,13 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from kdcache.cache import lock as lockmod
+from kdcache.cache.errors import CacheCorruptError, KdcacheError
+from kdcache.cache.share import copy_cache
+from kdcache.cache.spec import dataset_fingerprint
+from kdcache.cache.store import create_cache, open_cache, open_members
+from kdcache.cache.verify import verify
 
-from cache import lock as lockmod
-from cache.errors import CacheCorruptError, KdcacheError
-from cache.share import copy_cache
-from cache.spec import dataset_fingerprint
-from cache.store import create_cache, open_cache, open_members
-from cache.verify import verify
 from tests.clitools import cli
 from tests.test_cache import KEYS, LABELS, LOGITS, VIEWS, make_spec, raw_arrays, respec, write
 
@@ -32,7 +32,7 @@ def err(res) -> str:
 
 def interrupted_copy(monkeypatch, src: str, dst: str, after: int = 2) -> None:
     """Run copy_cache and interrupt it (KeyboardInterrupt) after `after` chunks."""
-    from cache import share
+    from kdcache.cache import share
 
     calls = []
     orig = share.CacheWriter.write_chunk_stored
@@ -162,9 +162,10 @@ def test_convert_round_trip_and_plain_readers(tmp_path):
 
 def test_distill_reads_sparse_and_multi_teacher_caches(tmp_path):
     """Stage 2 on a sampled cache and on a merged two-teacher store (ensembled)."""
-    from distill.config import DistillConfig
-    from distill.setup import build_run
-    from models.runtime import init_runtime
+    from kdcache.distill.config import DistillConfig
+    from kdcache.distill.setup import build_run
+    from kdcache.models.runtime import init_runtime
+
     from tests.test_distill import TRAIN, _cache
 
     a = _cache(tmp_path, "a.zarr", n=32, extra=("--topk", "4"))

@@ -7,11 +7,11 @@ import io
 
 import numpy as np
 import pytest
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.base import Dataset, ViewPolicy
+from kdcache.data.datasets import SOURCES, load_dataset
+from kdcache.data.views import POLICIES, get_policy
 
-from cache.errors import KdcacheError
-from data.base import Dataset, ViewPolicy
-from data.datasets import SOURCES, load_dataset
-from data.views import POLICIES, get_policy
 from tests.datatools import (
     hf_image_dataset,
     image_samples,
@@ -29,7 +29,7 @@ def test_registries_carry_help_and_protocols():
     assert SOURCES["cifar10"].help != SOURCES["cifar100"].help
     for name, cls in POLICIES.items():
         assert cls.name == name and cls.help and cls.param_names and cls.modality
-    from models.factory import MODEL_SOURCES
+    from kdcache.models.factory import MODEL_SOURCES
 
     assert set(MODEL_SOURCES) == {"timm", "tv:", "hf:", "cifar"}
     assert all(s.help for s in MODEL_SOURCES.values())
@@ -124,9 +124,9 @@ def test_wds_local_index_cache_and_errors(tmp_path, monkeypatch):
     ds = load_dataset(f"wds:{tmp_path}/s-{{000..001}}.tar")
     assert ds.keys == [k for k, _, _ in samples] and ds.labels.tolist() == [s[2] for s in samples]
     assert ds.load(5).size == sizes(7)[5] and len(list((tmp_path / "idx").iterdir())) == 2
-    import data.wds
+    import kdcache.data.wds as data_wds
 
-    monkeypatch.setattr(data.wds, "_scan", lambda *a: pytest.fail("index not reused"))
+    monkeypatch.setattr(data_wds, "_scan", lambda *a: pytest.fail("index not reused"))
     assert load_dataset(f"wds:{tmp_path}/s-{{000..001}}.tar").keys == ds.keys
     monkeypatch.undo()
     monkeypatch.setenv("KDCACHE_INDEX_DIR", str(tmp_path / "idx"))
@@ -137,7 +137,7 @@ def test_wds_local_index_cache_and_errors(tmp_path, monkeypatch):
         load_dataset(f"wds:{tmp_path}/empty.tar")
     with pytest.raises(KdcacheError, match=r"wds shard .*nope\.tar does not exist"):
         load_dataset(f"wds:{tmp_path}/nope.tar")
-    assert data.wds.expand_braces("a{08..10}{x,y}") == [
+    assert data_wds.expand_braces("a{08..10}{x,y}") == [
         "a08x",
         "a08y",
         "a09x",

@@ -5,13 +5,13 @@ import json
 
 import numpy as np
 import pytest
+from kdcache.cache.backends import open_backend
+from kdcache.cache.errors import CacheCorruptError, KdcacheError
+from kdcache.cache.reader import iter_epoch
+from kdcache.cache.sparse import SampledCodec, TopKCodec, get_codec, kl_sum
+from kdcache.cache.store import open_cache
+from kdcache.cache.verify import verify
 
-from cache.backends import open_backend
-from cache.errors import CacheCorruptError, KdcacheError
-from cache.reader import iter_epoch
-from cache.sparse import SampledCodec, TopKCodec, get_codec, kl_sum
-from cache.store import open_cache
-from cache.verify import verify
 from tests.clitools import cli
 from tests.test_cache import LOGITS, A, C, N, make_spec, write
 
@@ -31,7 +31,7 @@ def spec_for(n, a, c, **storage):
     d["teacher"]["num_classes"], d["dataset"]["n"], d["views"]["num_augs"] = c, n, a
     d["dataset"].pop("fingerprint")
     d["storage"].update(storage)
-    from cache.spec import CacheSpec
+    from kdcache.cache.spec import CacheSpec
 
     return CacheSpec.from_dict(d)
 
@@ -81,7 +81,7 @@ def test_sampled_is_deterministic_unique_and_unbiased():
 
 
 def respec_seed(spec, seed):
-    from cache.spec import CacheSpec
+    from kdcache.cache.spec import CacheSpec
 
     d = spec.to_dict()
     d["views"]["seed"] = seed

@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
-from cache.errors import KdcacheError
-from cache.spec import CacheSpec, canonical_json, dataset_fingerprint
+from kdcache.cache.errors import KdcacheError
+from kdcache.cache.spec import CacheSpec, canonical_json, dataset_fingerprint
 
 
 def make(**over) -> CacheSpec:

@@ -8,11 +8,11 @@ import json
 import math
 
 import pytest
+from kdcache.cache.errors import KdcacheError
+from kdcache.distill import study as study_mod
+from kdcache.distill.study import StudySpec, parse_grid, parse_seeds, plan, run_config, run_study
+from kdcache.distill.study_stats import comparisons, paired, summarize, write_report
 
-from cache.errors import KdcacheError
-from distill import study as study_mod
-from distill.study import StudySpec, parse_grid, parse_seeds, plan, run_config, run_study
-from distill.study_stats import comparisons, paired, summarize, write_report
 from tests.clitools import cli
 
 CE = [0.80, 0.82, 0.84, 0.86, 0.88]
@@ -117,7 +117,7 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
         run_study(spec)
     spec.distill = {"epochs": 1}
     assert run_study(spec)["trained"] == 0  # same again: resumable
-    from distill.losses import LOSSES
+    from kdcache.distill.losses import LOSSES
 
     changed = dataclasses.replace(LOSSES["lsr"], defaults={"eps": 0.2})
     monkeypatch.setitem(LOSSES, "lsr", changed)  # a new default: old lsr results are stale

@@ -110,7 +110,7 @@ def _hole(cache_dir, name: str) -> str:
 
 
 def test_fill_missing_completes_the_cache_then_trains(cache_dir, tmp_path):
-    from cache.store import open_cache
+    from kdcache.cache.store import open_cache
 
     full = _cache(cache_dir, "full.zarr")
     holed = _hole(cache_dir, "holed.zarr")

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cache.errors import KdcacheError
-from data.views import (
+from kdcache.cache.errors import KdcacheError
+from kdcache.data.views import (
     _sample_key,
     get_policy,
     philox_uniforms,
