@@ -229,3 +229,33 @@ def apply_layers(img, layers: np.ndarray, hp: dict):
         if op >= 0:
             img = apply_op(img, OPS[int(op)], m, neg > 0.5, int(rs), hp)
     return img
+
+
+# `kdcache list views`: the argument each op gets from magnitude m (timm's rules; signed ops
+# are negated when neg = 1), and how the replay compares with timm's AugmentOp
+OP_DOCS = {
+    "AutoContrast": "ImageOps.autocontrast (no argument)",
+    "Equalize": "ImageOps.equalize (no argument)",
+    "Invert": "ImageOps.invert (no argument)",
+    "Rotate": "rotate by ±m/10*30 degrees, fill = teacher mean",
+    "Posterize": "keep int(m/10*4) bits",
+    "PosterizeIncreasing": "keep 4 - int(m/10*4) bits",
+    "PosterizeOriginal": "keep int(m/10*4) + 4 bits",
+    "Solarize": "invert pixels >= min(256, int(m/10*256))",
+    "SolarizeIncreasing": "invert pixels >= 256 - min(256, int(m/10*256))",
+    "SolarizeAdd": "add min(128, int(m/10*110)) to pixels < 128",
+    "Color": "saturation factor m/10*1.8 + 0.1",
+    "ColorIncreasing": "saturation factor max(0.1, 1 ± m/10*0.9)",
+    "Contrast": "contrast factor m/10*1.8 + 0.1",
+    "ContrastIncreasing": "contrast factor max(0.1, 1 ± m/10*0.9)",
+    "Brightness": "brightness factor m/10*1.8 + 0.1",
+    "BrightnessIncreasing": "brightness factor max(0.1, 1 ± m/10*0.9)",
+    "Sharpness": "sharpness factor m/10*1.8 + 0.1",
+    "SharpnessIncreasing": "sharpness factor max(0.1, 1 ± m/10*0.9)",
+    "ShearX": "affine shear ±m/10*0.3 along x",
+    "ShearY": "affine shear ±m/10*0.3 along y",
+    "TranslateX": "shift ±m/10*translate_const pixels (0.45 * view size) along x",
+    "TranslateY": "shift ±m/10*translate_const pixels along y",
+    "TranslateXRel": "shift ±m/10*0.45 of the width",
+    "TranslateYRel": "shift ±m/10*0.45 of the height",
+}

@@ -137,14 +137,20 @@ def draw_mix(cfg: dict, size, num_rows: int, u: np.ndarray) -> np.ndarray:
         if not cut:
             out[r] = (1, lam, row, 0, 0, 0, 0)
             continue
-        rat = math.sqrt(1.0 - lam)
-        ch, cw = int(h_img * rat), int(w_img * rat)
         cy, cx = min(int(v[4] * h_img), h_img - 1), min(int(v[5] * w_img), w_img - 1)
-        y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h_img)
-        x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w_img)
-        lam = 1.0 - float((y1 - y0) * (x1 - x0)) / float(h_img * w_img)
+        (y0, y1, x0, x1), lam = cutmix_box(lam, cy, cx, h_img, w_img)
         out[r] = (2, lam, row, y0, y1, x0, x1)
     return out.reshape(lead + (len(MIX_FIELDS),))
+
+
+def cutmix_box(lam: float, cy: int, cx: int, h: int, w: int) -> tuple[tuple[int, ...], float]:
+    """timm's ``rand_bbox`` around centre (cy, cx) for area 1 - lam, and lam corrected to
+    the clipped box's area (``correct_lam``)."""
+    rat = math.sqrt(1.0 - lam)
+    ch, cw = int(h * rat), int(w * rat)
+    y0, y1 = (int(v) for v in np.clip([cy - ch // 2, cy + ch // 2], 0, h))
+    x0, x1 = (int(v) for v in np.clip([cx - cw // 2, cx + cw // 2], 0, w))
+    return (y0, y1, x0, x1), 1.0 - float((y1 - y0) * (x1 - x0)) / float(h * w)
 
 
 def apply_mix(x: np.ndarray, partner: np.ndarray, p: np.ndarray) -> np.ndarray:
