@@ -204,6 +204,8 @@ def apply_op(img, name: str, m: float, neg: bool, resample: int, hp: dict):
     if name == "Rotate":
         return img.rotate(arg, **kw)
     if name.startswith("Posterize"):
+        if arg <= 0:  # 0 bits kept: black (older Pillow's result; Pillow >= 10 raises)
+            return Image.new(img.mode, img.size)
         return img if arg >= 8 else ImageOps.posterize(img, arg)
     if name in ("Solarize", "SolarizeIncreasing"):
         return ImageOps.solarize(img, arg)

@@ -93,15 +93,21 @@ def erase_fill(mode: str, seed: int, shape, mean, std) -> np.ndarray:
     """uint8 fill of one rect: timm's normalized fill (0 / per-channel / per-pixel N(0,1)
     from Philox(seed)) mapped back to pixels, rounded and clipped."""
     c, h, w = shape
-    mean = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
-    std = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
-    if mode == "const":
-        z = np.zeros((c, 1, 1))
-    else:
-        rng = np.random.Generator(np.random.Philox(key=int(seed)))
-        z = rng.standard_normal((c, h, w) if mode == "pixel" else (c, 1, 1))
-    px = np.rint(np.clip((mean + std * z) * 255.0, 0, 255)).astype(np.uint8)
+    mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    z = erase_normals(mode, seed, shape)
+    px = np.rint(np.clip((mean + std * z) * np.float32(255), 0, 255)).astype(np.uint8)
     return np.broadcast_to(px, (c, h, w))
+
+
+def erase_normals(mode: str, seed: int, shape) -> np.ndarray:
+    """The N(0,1) fill of one rect in timm's normalized units: (c,1,1) zeros (const), per
+    channel (rand) or per pixel (pixel), float32 draws of Philox(seed)."""
+    c, h, w = shape
+    if mode == "const":
+        return np.zeros((c, 1, 1), dtype=np.float32)
+    rng = np.random.Generator(np.random.Philox(key=int(seed)))
+    return rng.standard_normal((c, h, w) if mode == "pixel" else (c, 1, 1), dtype=np.float32)
 
 
 def apply_erase(x: np.ndarray, p: np.ndarray, mode: str, mean, std) -> np.ndarray:
@@ -148,8 +154,8 @@ def cutmix_box(lam: float, cy: int, cx: int, h: int, w: int) -> tuple[tuple[int,
     the clipped box's area (``correct_lam``)."""
     rat = math.sqrt(1.0 - lam)
     ch, cw = int(h * rat), int(w * rat)
-    y0, y1 = (int(v) for v in np.clip([cy - ch // 2, cy + ch // 2], 0, h))
-    x0, x1 = (int(v) for v in np.clip([cx - cw // 2, cx + cw // 2], 0, w))
+    y0, y1 = (int(v) for v in np.clip([cy - ch // 2, cy + (ch + 1) // 2], 0, h))
+    x0, x1 = (int(v) for v in np.clip([cx - cw // 2, cx + (cw + 1) // 2], 0, w))
     return (y0, y1, x0, x1), 1.0 - float((y1 - y0) * (x1 - x0)) / float(h * w)
 
 

@@ -85,6 +85,13 @@ class StrongPolicy:
 
     def _mix(self, u: np.ndarray) -> np.ndarray:
         um = u[..., self.k_single : self.k_single + mix.MIX_UNIFORMS]
+        key = um.tobytes()  # partner_rows then from_uniforms (other shape): one draw
+        memo = getattr(self, "_memo", None)
+        if memo is None or memo[0] != key:
+            self._memo = memo = (key, self._draw_mix(um))
+        return memo[1].reshape(um.shape[:-1] + (len(mix.MIX_FIELDS),))
+
+    def _draw_mix(self, um: np.ndarray) -> np.ndarray:
         s = self.strong
         cfg = {k: float(s.get(k, 0.0)) for k in ("mixup", "cutmix")}
         cfg.update(mixup_prob=float(s.get("mixup_prob", 1.0)),
@@ -125,18 +132,26 @@ class StrongPolicy:
 
     def _one(self, img, q: np.ndarray) -> np.ndarray:
         """Base view, then aa or jitter (PIL), then erasing: uint8 (3, H, W) numpy."""
+        from kdcache.data.transforms import crop_resize_pil
         from PIL import Image
 
         nb = self.base.param_dim
-        x = self.base.view(img, q[:nb]).numpy()
         at = nb + 4 * (self.aa["layers"] if self.aa else 0)
         layers, cj = q[nb:at], q[at : at + 8] if self.cj else None
         if (layers[0::4] >= 0).any() or (cj is not None and (cj[4:] != -1).any()):
-            pil = Image.fromarray(np.ascontiguousarray(x.transpose(1, 2, 0)))
+            b = q[:nb]
+            if self.base.name == "rrc-flip" and not (b[2] == 0 and b[3] == 0):
+                p = self.base.params  # the same pixels as its view, kept as PIL
+                pil = crop_resize_pil(img, b, p["size"], p["interpolation"])
+            else:
+                x = self.base.view(img, b).numpy()
+                pil = Image.fromarray(np.ascontiguousarray(x.transpose(1, 2, 0)))
             pil = augment.apply_layers(pil, layers, self.hp)
             if cj is not None:
                 pil = mix.apply_jitter(pil, cj)
             x = np.asarray(pil).transpose(2, 0, 1)
+        else:
+            x = self.base.view(img, q[:nb]).numpy()
         x = np.ascontiguousarray(x)
         if self.reprob > 0:
             at += 8 if self.cj else 0
@@ -269,8 +284,9 @@ def describe() -> list[dict]:
          "view_params": list(mix.CJ_FIELDS), "options": {"color_jitter": None}},
         {"name": "--reprob", "modality": "image",
          "help": "timm RandomErasing: rects identical; fill = timm's normalized fill "
-                 "(const 0, rand per channel, pixel per pixel N(0,1) from re_seed) mapped to "
-                 "uint8 pixels (rounded, clipped): >= 40 dB PSNR vs timm's float output",
+                 "(const 0, rand per channel, pixel per pixel N(0,1) from re_seed) as uint8 "
+                 "pixels: timm's values clipped to [0, 255] within rounding (>= 40 dB); "
+                 "normals beyond the pixel range cannot be held by a uint8 view",
          "view_params": ["re{k}_t", "re{k}_l", "re{k}_h", "re{k}_w", "re_seed"],
          "options": {"reprob": 0.0, "remode": "pixel", "recount": 1}},
         {"name": "--mixup/--cutmix", "modality": "image",
