@@ -64,7 +64,7 @@ class ViewMaker:
             u = philox_uniforms(seed, [sample], num_augs * k).reshape(num_augs, k)
             psizes = np.zeros((num_augs, 2))
             for a, r in enumerate(self.policy.partner_rows(u)):
-                if r >= 0:
+                if r >= 0 and not (identity_view and a == 0):  # view 0: the eval view
                     im = self._partner(int(r), seen)
                     psizes[a] = (im.height, im.width)
         params = view_params_for(
