@@ -45,8 +45,9 @@ class ViewMaker:
     def _partner(self, row: int, seen: dict):
         """Decode a partner row's original once per item."""
         if row not in seen:
-            if not 0 <= row < len(self.dataset):
-                raise KdcacheError(f"mix partner row {row} is outside the {len(self.dataset)} rows")
+            n = len(self.dataset) if self.rows is None else len(self.rows)
+            if not 0 <= row < n:
+                raise KdcacheError(f"mix partner row {row} is outside the {n} rows")
             seen[row] = self.dataset.load(int(row if self.rows is None else self.rows[row]))
         return seen[row]
 
