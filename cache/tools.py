@@ -89,6 +89,22 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def _strong_row(st: dict | None) -> list[tuple[str, str]]:
+    """The strong-augmentation stages of a view policy (data/strong.py), one line."""
+    if not st:
+        return []
+    parts = [f"aa {st['aa']}"] if st.get("aa") else []
+    if st.get("color_jitter"):
+        parts.append(f"color jitter {st['color_jitter']}")
+    if st.get("reprob"):
+        parts.append(f"random erasing p={st['reprob']} {st['remode']} x{st['recount']}")
+    if st.get("mixup") or st.get("cutmix"):
+        sw = f", switch {st['switch_prob']}" if "switch_prob" in st else ""
+        parts.append(f"mixup {st['mixup']} / cutmix {st['cutmix']} (p={st['mixup_prob']}{sw}, "
+                     f"partner rows of {st['num_rows']})")  # fmt: skip
+    return [("augment", "; ".join(parts) + f"; view {st['size'][0]}x{st['size'][1]}")]
+
+
 def format_info(d: dict[str, Any]) -> str:
     """Multi-line summary of `info(path)` for humans."""
     if d.get("kind") == MULTI:
@@ -110,6 +126,7 @@ def format_info(d: dict[str, Any]) -> str:
             f"{v.get('policy', '?')}, {v['num_augs']} augs, seed {v.get('seed', '?')}, "
             f"identity view {'yes' if v.get('identity_view') else 'no'}",
         ),
+        *_strong_row((v.get("params") or {}).get("strong")),
         (
             "storage",
             f"{d['storage']} {d['dtype']}, chunks of {d['chunk_samples']} samples, "

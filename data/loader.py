@@ -33,23 +33,45 @@ def batched_views(dataset, policy, samples: np.ndarray, params: np.ndarray):
 
 
 class ViewMaker:
-    """Picklable recipe shipped to the workers: dataset + policy (+ text collate)."""
+    """Picklable recipe shipped to the workers: dataset + policy (+ text collate). ``rows``
+    maps cache rows to dataset samples (Mixup/CutMix partners are cache rows)."""
 
-    def __init__(self, dataset, policy, text_collate=None) -> None:
+    def __init__(self, dataset, policy, text_collate=None, rows=None) -> None:
         if dataset.modality == "text" and text_collate is None:
             raise KdcacheError("a text dataset needs a tokenizer (text_collate)")
         self.dataset, self.policy, self.text = dataset, policy, text_collate
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def _partner(self, row: int, seen: dict):
+        """Decode a partner row's original once per item."""
+        if row not in seen:
+            n = len(self.dataset) if self.rows is None else len(self.rows)
+            if not 0 <= row < n:
+                raise KdcacheError(f"mix partner row {row} is outside the {n} rows")
+            seen[row] = self.dataset.load(int(row if self.rows is None else self.rows[row]))
+        return seen[row]
 
     def draw(self, sample: int, seed: int, num_augs: int, identity_view: bool, raw=None):
         """Decode once, draw the A params (on the original size), cut the A views."""
-        from kdcache.data.views import view_params_for
+        from kdcache.data.views import philox_uniforms, view_params_for
 
         raw = self.dataset.load(sample) if raw is None else raw
-        sizes = None
+        sizes = psizes = None
         if self.policy.needs_size:
             sizes = np.array([[raw.height, raw.width]], dtype=np.float64)
-        params = view_params_for(self.policy, seed, [sample], num_augs, identity_view, sizes)[0]
-        return self.cut(raw, params), params
+        seen: dict = {}
+        if getattr(self.policy, "mixes", False):  # partners first: their boxes need their size
+            k = self.policy.num_uniforms
+            u = philox_uniforms(seed, [sample], num_augs * k).reshape(num_augs, k)
+            psizes = np.zeros((num_augs, 2))
+            for a, r in enumerate(self.policy.partner_rows(u)):
+                if r >= 0 and not (identity_view and a == 0):  # view 0: the eval view
+                    im = self._partner(int(r), seen)
+                    psizes[a] = (im.height, im.width)
+        params = view_params_for(
+            self.policy, seed, [sample], num_augs, identity_view, sizes, psizes
+        )[0]
+        return self.cut(raw, params, seen), params
 
     def replay(self, sample: int, params):
         """Decode once, cut the views of the stored ``params`` (k, P); ``("draw", seed, augs,
@@ -63,10 +85,18 @@ class ViewMaker:
         params = np.asarray(params, dtype=np.float32)
         return self.cut(raw, params), params
 
-    def cut(self, raw, params: np.ndarray):
+    def cut(self, raw, params: np.ndarray, seen: dict | None = None):
         if self.dataset.modality == "text":
             return raw  # tokenized per batch in collate (dynamic padding)
-        views = [self.policy.view(raw, p).numpy() for p in params]
+        if getattr(self.policy, "mixes", False):
+            seen = {} if seen is None else seen
+            views = []
+            for p in params:
+                r = self.policy.partner_of(p)
+                partner = None if r < 0 else self._partner(r, seen)
+                views.append(self.policy.view(raw, p, partner).numpy())
+        else:
+            views = [self.policy.view(raw, p).numpy() for p in params]
         return torch.from_numpy(np.stack(views))  # numpy: no OpenMP team per small copy
 
     def collate(self, items: list[tuple]) -> dict:
@@ -192,14 +222,27 @@ TEXT_POLICIES = ("identity", "token-mask")
 
 
 def make_policy(name: str, dataset, info: dict, image_size: int | None = None,
-                mask_prob: float = 0.15, tokenizer=None):  # fmt: skip
+                mask_prob: float = 0.15, tokenizer=None, strong: dict | None = None):  # fmt: skip
     """The view policy of a run for this dataset and (teacher) model.
 
     Images: the view size defaults to the model's ``input_size``; the identity view is the
     model's eval transform (resize to size/crop_pct, center crop, its interpolation) for
     native-resolution sources; in-RAM 32x32 sources keep their raw-tensor identity and
     crop-flip (the fast batched path, unchanged bytes). Text: identity or token-mask.
+    ``strong``: the --aa/--color-jitter/--reprob/--mixup... options (data/strong.py).
     """
+    base = _base_policy(name, dataset, info, image_size, mask_prob, tokenizer)
+    if strong is None:
+        return base
+    from kdcache.data.strong import StrongPolicy, resolve_strong
+
+    pre = info.get("preprocessing") or {}
+    mean, std = pre.get("mean", (0.485, 0.456, 0.406)), pre.get("std", (0.229, 0.224, 0.225))
+    resolved = resolve_strong(strong, dataset, base, mean, std)
+    return base if resolved is None else StrongPolicy(base, resolved)
+
+
+def _base_policy(name, dataset, info, image_size, mask_prob, tokenizer):
     from kdcache.data.views import get_policy
 
     if dataset.modality == "text":

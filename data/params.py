@@ -55,9 +55,11 @@ def view_params_for(
     num_augs: int,
     identity_view: bool,
     sizes: np.ndarray | None = None,
+    partner_sizes: np.ndarray | None = None,
 ) -> np.ndarray:
     """(B, A, P) float32 params for global sample indices ``samples`` (of original ``sizes``
-    (B, 2) = (H, W) for ``needs_size`` policies); see module docstring."""
+    (B, 2) = (H, W) for ``needs_size`` policies, and of each view's Mixup/CutMix partner,
+    ``partner_sizes`` (B, A, 2)); see module docstring."""
     samples = np.asarray(samples, dtype=np.int64).reshape(-1)
     if num_augs < 1:
         raise KdcacheError(f"num_augs must be >= 1, got {num_augs}")
@@ -67,7 +69,12 @@ def view_params_for(
     u = u.reshape(len(samples), num_augs, policy.num_uniforms)
     if sizes is not None:
         sizes = np.asarray(sizes, dtype=np.float64).reshape(len(samples), 1, 2)
-    out = policy.from_uniforms(u, sizes).astype(np.float32, copy=False)
+    if partner_sizes is None:
+        out = policy.from_uniforms(u, sizes)
+    else:  # mixing policies: (B, A, 2) original sizes of each view's partner
+        ps = np.asarray(partner_sizes, dtype=np.float64).reshape(len(samples), num_augs, 2)
+        out = policy.from_uniforms(u, sizes, ps)
+    out = out.astype(np.float32, copy=False)
     if identity_view:
         out[:, 0] = policy.identity_params()
     return np.ascontiguousarray(out)

@@ -100,6 +100,18 @@ def box_pixels(p, width: int, height: int) -> tuple[int, int, int, int]:
     return top, left, max(1, h), max(1, w)
 
 
+def crop_resize_pil(img, p, size, interpolation: str = "bilinear"):
+    """``crop_resize`` as a PIL image (the same pixels), for PIL ops that follow it."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    top, left, h, w = box_pixels(p, *img.size)
+    out = TF.resized_crop(
+        img, top, left, h, w, [int(size[0]), int(size[1])], interp_mode(interpolation)
+    )
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if float(p[4]) > 0.5 else out
+
+
 def crop_resize(img, p, size, interpolation: str = "bilinear") -> torch.Tensor:
     """Replay of a stored box on the original: crop, resize to ``size`` (PIL, antialiased),
     then the horizontal flip (RandomResizedCrop followed by RandomHorizontalFlip)."""

@@ -316,9 +316,16 @@ class TokenMask(ViewPolicyBase):
 
 
 def get_policy(name: str, **kw) -> ViewPolicyBase:
-    """Build a policy; ``get_policy(name, **policy.params)`` rebuilds an equal one."""
+    """Build a policy; ``get_policy(name, **policy.params)`` rebuilds an equal one (a
+    ``strong`` entry composes data/strong.py's stages on top of the base policy)."""
     cls = lookup(POLICIES, name, "view policy")
+    strong = kw.pop("strong", None)
     try:
-        return cls(**kw)
+        base = cls(**kw)
     except TypeError as e:
         raise KdcacheError(f"bad options for view policy {name!r}: {e}") from e
+    if strong is None:
+        return base
+    from kdcache.data.strong import StrongPolicy
+
+    return StrongPolicy(base, strong)

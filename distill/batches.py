@@ -151,11 +151,16 @@ class BatchMaker:
     def stream(self, plans) -> Iterator[dict]:
         """Views of planned batches through the worker processes (same order, same bytes)."""
         if self._loader is None:
-            maker = ViewMaker(self.dataset, self.policy, getattr(self.dataset, "collate", None))
+            collate = getattr(self.dataset, "collate", None)
+            maker = ViewMaker(self.dataset, self.policy, collate, rows=self.rows)
             self._loader = ReplayLoader(maker, self.workers, self.pin)
         for batch, b in self._loader.run((self._items(b), b) for b in plans):
             b.pop("params")
             b["views"] = batch["views"]
+            if getattr(self.policy, "mixes", False):  # Mixup/CutMix: the partner's label and λ
+                rows, lam = self.policy.mix_of(batch["params"])
+                b["mix_labels"] = self.labels[torch.from_numpy(np.maximum(rows, 0))]
+                b["mix_lam"] = torch.from_numpy(lam)
             yield b
 
 
@@ -221,6 +226,7 @@ def eval_batches(
     """(samples, views) of the eval (identity) view of this rank's share of `dataset`, made
     in this thread (in-RAM data) or by the loader's worker processes (streamed sources)."""
     idx = np.arange(rank, len(dataset), world_size, dtype=np.int64)
+    policy = getattr(policy, "base", policy)  # strong policies: the base's eval view, same pixels
     ident = np.asarray(policy.identity_params(), dtype=np.float32)
     make = BatchMaker(dataset, policy, workers=workers)
     plans = (

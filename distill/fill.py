@@ -83,7 +83,7 @@ def fill_missing(
         order, _ = cache_rows(w.spec.dataset, w.keys, dataset)  # cache row -> sample
         todo = w.todo_chunks()
         ranges = [w.chunk_range(c) for c in todo]
-        maker = ViewMaker(dataset, policy, getattr(dataset, "collate", None))
+        maker = ViewMaker(dataset, policy, getattr(dataset, "collate", None), rows=order)
         batches = chunk_batches(ranges, max(1, batch_size // a))
         loader = precompute_loader(maker, order, v["seed"], a, bool(v["identity_view"]), batches)
         it = clean_errors(loader)

@@ -84,7 +84,9 @@ def _views() -> list[dict[str, Any]]:
                 "options": options,
             }
         )
-    return rows
+    from kdcache.data.strong import describe
+
+    return rows + describe()  # strong augmentation stages, composed on any image policy
 
 
 def format_entries(kind: str, rows: list[dict[str, Any]]) -> str:
@@ -108,4 +110,6 @@ def format_entries(kind: str, rows: list[dict[str, Any]]) -> str:
             opts = ", ".join(f"{k}={v!r}" for k, v in r["options"].items())
             lines.append(f"{r['name']:<11} [{r['modality']}] {r['help']}")
             lines.append(f"    view_params ({', '.join(r['view_params'])}); options: {opts}")
+            for op in r.get("ops", []):
+                lines.append(f"      {op['id']:>2} {op['name']:<20} {op['arg']}")
     return "\n".join(lines)

@@ -69,6 +69,12 @@ def train_epoch(
         b, nxt = nxt, next(it, None)
         x = to_input(b["views"], device, channels_last)
         y = b["labels"].to(device, non_blocking=True)
+        mixed = None
+        if "mix_lam" in b:  # Mixup/CutMix views: CE against the λ-mixed ground truth
+            lam = b["mix_lam"].to(device, non_blocking=True)
+            y2 = b["mix_labels"].to(device, non_blocking=True)
+            mixed = (y, y2, lam)
+            y = torch.where(lam >= 0.5, y, y2)  # the dominant label, for accuracy counts
         t = b["teacher"]
         if teacher is not None and teacher.needs_views:
             t = teacher.logits(b["samples"], b["augs"], x)
@@ -84,7 +90,8 @@ def train_epoch(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 s = forward(ddp_model, x)
             s = s.float()
-            out = loss_fn(s, t, y)
+            y_loss = y if mixed is None else mixed_targets(*mixed, s.shape[1])
+            out = loss_fn(s, t, y_loss)
             (out["loss"] / accum if accum > 1 else out["loss"]).backward()
         if boundary:
             step = _optimizer_step(model, optimizer, rc, step)
@@ -110,6 +117,12 @@ def train_epoch(
         if progress is not None:
             progress(micro, n_seen, logged)
     return _sums(acc, n_seen, n_teacher, t0), step
+
+
+def mixed_targets(y: torch.Tensor, y2: torch.Tensor, lam: torch.Tensor, k: int) -> torch.Tensor:
+    """timm's ``mixup_target`` per view: lam*onehot(y) + (1-lam)*onehot(y2), (N, K) float."""
+    lam = lam.float()[:, None]
+    return lam * F.one_hot(y, k).float() + (1.0 - lam) * F.one_hot(y2, k).float()
 
 
 def _sums(acc: DeviceSums, n: int, n_teacher: int, t0: float) -> dict:

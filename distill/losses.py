@@ -1,6 +1,7 @@
 """Distillation losses (DESIGN.md section 6), one pure function per method.
 
-Each loss maps ``(student_logits (N,K), teacher_logits (N,K) | None, labels (N,))`` plus its
+Each loss maps ``(student_logits (N,K), teacher_logits (N,K) | None, labels (N,))`` (or, for
+``MIXED_LABEL_LOSSES``, λ-mixed label distributions (N,K) of Mixup/CutMix views) plus its
 hyper-parameters to a dict: the scalar total under ``"loss"`` and its unweighted, detached terms
 beside it (for logging). Adding a method = one function + one ``LOSSES`` entry + one test.
 Inputs are upcast to at least float32 and computed with autocast off, so fp16 cached teacher
@@ -188,6 +189,17 @@ def _lookup(name: str) -> LossDef:
     return LOSSES[name]
 
 
+# losses whose labels enter only through CE, which takes the λ-mixed ground-truth
+# distributions of Mixup/CutMix views as well (labels (N, K) float)
+MIXED_LABEL_LOSSES = ("ce", "kd", "wsl", "tfkd-self")
+
+
+def loss_takes_mixed_labels(name: str) -> bool:
+    """Whether the loss accepts (N, K) mixed label distributions (Mixup/CutMix views)."""
+    _lookup(name)
+    return name in MIXED_LABEL_LOSSES
+
+
 def loss_needs_teacher(name: str) -> bool:
     """Whether the loss fn must be given teacher logits (mrkd: from the student's history)."""
     return _lookup(name).needs_teacher
@@ -224,8 +236,16 @@ def _prepare(s: Tensor, t: Tensor | None, y: Tensor, name: str, needs_teacher: b
     """Validate shapes; upcast to >= float32 (keeps float64 for gradcheck); detach the teacher."""
     if s.ndim != 2 or s.shape[1] < 2:
         raise ValueError(f"{name}: student logits must be (N, K>=2), got {tuple(s.shape)}")
+    if y.dtype.is_floating_point and name in MIXED_LABEL_LOSSES:
+        if y.shape != s.shape:
+            raise ValueError(f"{name}: mixed labels must be (N, K)={tuple(s.shape)}")
+        return _upcast(s, t, name, needs_teacher) + (y.to(torch.promote_types(s.dtype, y.dtype)),)
     if y.shape != (s.shape[0],) or y.dtype.is_floating_point:
         raise ValueError(f"{name}: labels must be integer (N,)={s.shape[0]}, got {tuple(y.shape)}")
+    return _upcast(s, t, name, needs_teacher) + (y.long(),)
+
+
+def _upcast(s: Tensor, t: Tensor | None, name: str, needs_teacher: bool):
     dtype = torch.promote_types(s.dtype, torch.float32)
     if needs_teacher:
         if t is None:
@@ -233,7 +253,7 @@ def _prepare(s: Tensor, t: Tensor | None, y: Tensor, name: str, needs_teacher: b
         if t.shape != s.shape:
             raise ValueError(f"{name}: teacher {tuple(t.shape)} != student {tuple(s.shape)}")
         t = t.detach().to(dtype)
-    return s.to(dtype), t, y.long()
+    return s.to(dtype), t
 
 
 def get_loss(name: str, **hparams: Any) -> LossFn:

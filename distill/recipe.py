@@ -52,7 +52,10 @@ def with_label_smoothing(fn, eps: float, weight: float):
         out = fn(s, t, y)
         with torch.autocast(s.device.type, enabled=False):
             logp = F.log_softmax(s.float(), 1)
-            ce = -logp.gather(1, y[:, None]).mean()
+            if y.dtype.is_floating_point:  # mixed (Mixup/CutMix) label distributions
+                ce = -(y.float() * logp).sum(1).mean()
+            else:
+                ce = -logp.gather(1, y[:, None]).mean()
             delta = eps * (-logp.mean(1).mean() - ce)
         out["loss"] = out["loss"] + weight * delta
         return out

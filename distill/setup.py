@@ -174,6 +174,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
             if ds is not None:
                 tok = _tokenize(ds, tok_info)
     policy = _policy(cfg, cache0, info, train, tok)
+    _check_mixed_labels(cfg, policy)
     mrkd, live = None, online
     if cfg.loss == "mrkd":
         mrkd = live = MrKDTeacher(
@@ -194,6 +195,18 @@ def build_run(cfg: DistillConfig, rt) -> Run:
     if cfg.label_smoothing:
         loss_fn = with_label_smoothing(loss_fn, cfg.label_smoothing, ls_weight)
     return Run(model, info, modality, train, test, policy, teacher, live, mrkd, loss_fn, reg_fn)
+
+
+def _check_mixed_labels(cfg: DistillConfig, policy) -> None:
+    """Mixup/CutMix views train against λ-mixed labels: only losses whose labels enter
+    through CE take them."""
+    from kdcache.distill.losses import MIXED_LABEL_LOSSES, loss_takes_mixed_labels
+
+    if getattr(policy, "mixes", False) and not loss_takes_mixed_labels(cfg.loss):
+        raise KdcacheError(
+            f"--loss {cfg.loss} needs one integer label per view, but the cache's views are "
+            f"mixed (Mixup/CutMix); expected one of {', '.join(MIXED_LABEL_LOSSES)}"
+        )
 
 
 def _check_teacher_options(cfg: DistillConfig) -> None:

@@ -38,7 +38,7 @@ def replay_problems(cache, data_root: str | None) -> list[str]:
         tok = load_tokenizer({"modality": "text", **spec.teacher, "tokenizer_files": files})
         collate = TextCollate(tok, spec.teacher["preprocessing"]["max_length"])
     policy = get_policy(spec.views["policy"], **(spec.views.get("params") or {}))
-    maker = ViewMaker(ds, policy, collate)
+    maker = ViewMaker(ds, policy, collate, rows=samples)
     problems = []
     for d in digests:
         i, a = d["sample"], d["aug"]

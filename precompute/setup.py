@@ -174,7 +174,9 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
     if modality == "text":
         tok = load_tokenizer(info)
         collate = TextCollate(tok, info["preprocessing"]["max_length"])
-    policy = make_policy(cfg.augment, dataset, info, cfg.image_size, cfg.mask_prob, tok)
+    policy = make_policy(
+        cfg.augment, dataset, info, cfg.image_size, cfg.mask_prob, tok, strong=cfg.strong()
+    )
     order, order_spec = row_order(dataset, cfg.seed)
     dataset_spec = dataset.spec()
     # the source kind, not its location: the same shards at another path or bucket give the
@@ -218,7 +220,7 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
         spec=spec,
         backend=_backend(cfg),
         modality=modality,
-        maker=ViewMaker(dataset, policy, collate),
+        maker=ViewMaker(dataset, policy, collate, rows=order),
         order=order,
     )
 
