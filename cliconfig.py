@@ -290,4 +290,7 @@ STORAGE_OPTIONS = click.option(
 
 
 POS_INT = click.IntRange(min=1)
+NONNEG_INT = click.IntRange(min=0)
 NONNEG = click.FloatRange(min=0)
+POS_FLOAT = click.FloatRange(min=0, min_open=True)
+SCHEDULES = click.Choice(["step", "cosine", "constant"])
