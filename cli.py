@@ -292,7 +292,7 @@ CKPT = "the checkpoint's, else "
 )  # fmt: skip
 @click.option("--dataset", default=None, show_default=CKPT + "digits", help="Dataset.")
 @click.option("--data-root", default=None, show_default=CKPT + "none", help="Dataset directory.")
-@click.option("--split", default="test", help="Split to evaluate.")
+@click.option("--split", default=None, show_default=CKPT + "test", help="Split to evaluate.")
 @click.option("--num-classes", default=None, type=POS_INT, help="Classes (default: checkpoint).")
 @click.option("--batch-size", default=256, type=POS_INT, help="Batch size.")
 @click.option(

@@ -118,6 +118,9 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         )
 
     record: dict = {}
+    if ck is not None and start_epoch >= cfg.epochs:  # --resume of a finished run: say so
+        record = {**ck.get("record", {}), "already_finished": True}
+        record["best_acc"], record["best_epoch"] = best, best_epoch
     nxt = batches_for(start_epoch) if start_epoch < cfg.epochs else None
     bar = tqdm(
         range(start_epoch, cfg.epochs),
@@ -228,8 +231,9 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
 def summary_line(rec: dict, out: str) -> str:
     """The run's final line: last and best accuracy and where best.pt is."""
     kind = "test" if "test_acc" in rec else "train"
+    head = "already finished (nothing to resume)" if rec.get("already_finished") else "done"
     parts = [  # epochs counted from 1, as in the figures (metrics.jsonl keeps 0-based)
-        f"done: epoch {rec['epoch'] + 1}",
+        f"{head}: epoch {rec['epoch'] + 1}",
         f"loss {rec['loss']:.4f}",
         f"last {kind} acc {rec.get('test_acc', rec['train_acc']):.4f}",
     ]
