@@ -39,6 +39,7 @@ from kdcache.cliconfig import (  # noqa: E402
     parse_hparams,
     resolved_options,
     run_dir,
+    shard_option,
     storage_options_dict,
     version,
     weights_file,
@@ -144,6 +145,10 @@ def main(verbose: bool) -> None:
 @click.option(
     "--sampled", default=None, type=int, help="Store K sampled class draws per entry (RS-KD)."
 )
+@click.option(
+    "--shard", default=None, metavar="I/N", callback=shard_option,
+    help="Compute only chunks c % N == I: a partial cache (same key) for `cache merge`.",
+)  # fmt: skip
 @STORAGE_OPTIONS
 def precompute(**kw) -> None:
     """Stage 1: run the teacher once under seeded views and store its raw logits."""
@@ -154,7 +159,9 @@ def precompute(**kw) -> None:
     kw["storage_options"] = storage_options_dict(kw["storage_options"])
     kw["command"] = shlex.join(sys.argv)
     kw["cli_options"] = resolved_options(click.get_current_context())
-    click.echo(format_summary(run(PrecomputeConfig(**kw))))
+    summary = run(PrecomputeConfig(**kw))
+    if summary:  # only rank 0 returns one under torchrun
+        click.echo(format_summary(summary))
 
 
 @main.command(context_settings=CONTEXT)
