@@ -195,14 +195,16 @@ class _HeldDownloadLine:
     (then written, in order) and dropped when loading fails, so offline the `error:` line is
     the only output."""
 
-    def __init__(self, stream) -> None:
-        self.stream, self.held = stream, ""
+    def __init__(self, stream, peers: list) -> None:
+        self.stream, self.held, self.peers = stream, "", peers
+        peers.append(self)
 
     def write(self, text: str) -> int:
         if text.startswith("Downloading: ") and not self.held:
             self.held = text
             return len(text)
-        self.release()
+        for p in self.peers:  # progress on either stream: the download is running
+            p.release()
         return self.stream.write(text)
 
     def release(self) -> None:
@@ -217,7 +219,8 @@ class _HeldDownloadLine:
 def _hub_call(name: str, fn: Callable[[], nn.Module]) -> nn.Module:
     """Run a library's pretrained download; offline failures become one-line KdcacheErrors."""
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = held = tuple(_HeldDownloadLine(s) for s in streams)
+    held: list = []
+    sys.stdout, sys.stderr = (_HeldDownloadLine(s, held) for s in streams)
     try:
         out = fn()
         for h in held:
