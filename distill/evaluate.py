@@ -104,6 +104,8 @@ def run_evaluate(
     given = {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size}
     given["split"] = split
     ck = checkpoint_defaults(weights)
+    if dataset is not None and dataset != ck.get("dataset"):
+        ck.pop("split", None)  # the run's evaluated split belongs to the run's dataset
     args = {k: v if v is not None else ck.get(k) for k, v in given.items()}
     split = args["split"] or "test"
     if args["model"] is None:
