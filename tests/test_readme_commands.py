@@ -219,7 +219,8 @@ def test_pretrained_offline_prints_only_the_error_line(tmp_path, monkeypatch):
     def offline(url, *a, **k):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing cached there
+    hub = str(tmp_path / "hub")  # nothing cached there (whatever set_dir other tests called)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: hub)
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     res = cli("precompute", "--teacher", "tv:resnet18", "--pretrained", "--max-samples", "4",
               "--out", tmp_path / "p.zarr", ok=False)  # fmt: skip

@@ -90,8 +90,14 @@ def test_copy_refusals_write_nothing(tmp_path):
                                          ok=False))  # fmt: skip
     assert "no cache at" in err(cli("cache", "pull", tmp_path / "nope.zarr", tmp_path / "z.zarr",
                                     ok=False))  # fmt: skip
-    assert "directory of" in err(cli("cache", "pull", src, tmp_path / "no" / "dir.zarr", ok=False))
+    bad_dir = tmp_path / "plain" / "x.txt" / "dir.zarr"  # its folder cannot be made: a file
+    assert "cannot create the directory" in err(cli("cache", "pull", src, bad_dir, ok=False))
     assert {p.name for p in tmp_path.iterdir()} == before | {"plain"}
+    cli("cache", "pull", src, tmp_path / "no" / "dir.zarr")  # a new folder is made, as precompute
+    assert (
+        raw_arrays(tmp_path / "no" / "dir.zarr")["logits"].tobytes()
+        == raw_arrays(src)["logits"].tobytes()
+    )
     # a second writer is refused with the owner; --break-lock takes over
     w = create_cache(str(tmp_path / "busy.zarr"), make_spec(), labels=LABELS, keys=KEYS)
     msg = err(cli("cache", "pull", src, tmp_path / "busy.zarr", ok=False))
