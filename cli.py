@@ -29,13 +29,17 @@ from kdcache.clicache import cache  # noqa: E402
 from kdcache.cliconfig import (  # noqa: E402
     CONTEXT,
     NONNEG,
+    NONNEG_INT,
+    POS_FLOAT,
     POS_INT,
+    SCHEDULES,
     STORAGE_OPTIONS,
     Group,
     cache_out,
     parse_hparams,
     resolved_options,
     run_dir,
+    shard_option,
     storage_options_dict,
     version,
     weights_file,
@@ -151,6 +155,10 @@ def main(verbose: bool) -> None:
 @click.option(
     "--sampled", default=None, type=int, help="Store K sampled class draws per entry (RS-KD)."
 )
+@click.option(
+    "--shard", default=None, metavar="I/N", callback=shard_option,
+    help="Compute only chunks c % N == I: a partial cache (same key) for `cache merge`.",
+)  # fmt: skip
 @STORAGE_OPTIONS
 def precompute(**kw) -> None:
     """Stage 1: run the teacher once under seeded views and store its raw logits."""
@@ -161,7 +169,9 @@ def precompute(**kw) -> None:
     kw["storage_options"] = storage_options_dict(kw["storage_options"])
     kw["command"] = shlex.join(sys.argv)
     kw["cli_options"] = resolved_options(click.get_current_context())
-    click.echo(format_summary(run(PrecomputeConfig(**kw))))
+    summary = run(PrecomputeConfig(**kw))
+    if summary:  # only rank 0 returns one under torchrun
+        click.echo(format_summary(summary))
 
 
 @main.command(context_settings=CONTEXT)
@@ -179,25 +189,18 @@ def precompute(**kw) -> None:
 @click.option("--split", default="train", help="Training split.")
 @click.option("--test-split", default="test", help="Evaluation split ('none' to skip).")
 @click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
-@click.option("--num-classes", default=None, type=int, help="Classes (default: from data).")
+@click.option("--num-classes", default=None, type=POS_INT, help="Classes (default: from data).")
 @click.option("--pretrained", is_flag=True, help="Start the student from hub weights.")
 @click.option("--weights", default=None, callback=weights_file, help="Initial student weights.")
 @click.option("--epochs", default=240, type=int, help="Epochs (CIFAR recipe: 240).")
 @click.option("--batch-size", default=64, type=int, help="Global batch size.")
-@click.option(
-    "--lr", default=0.05, type=click.FloatRange(min=0, min_open=True), help="Learning rate."
-)
+@click.option("--lr", default=0.05, type=POS_FLOAT, help="Learning rate.")
 @click.option("--momentum", default=0.9, type=click.FloatRange(0, 1), help="SGD momentum.")
 @click.option("--weight-decay", default=5e-4, type=NONNEG, help="Weight decay.")
 @click.option("--optimizer", default="sgd", type=click.Choice(["sgd", "adamw"]), help="Optimizer.")
-@click.option(
-    "--schedule",
-    default="step",
-    type=click.Choice(["step", "cosine", "constant"]),
-    help="LR schedule.",
-)
+@click.option("--schedule", default="step", type=SCHEDULES, help="LR schedule.")
 @click.option("--milestones", default="150,180,210", help="Step schedule epochs, comma-separated.")
-@click.option("--gamma", default=0.1, type=float, help="Step schedule factor.")
+@click.option("--gamma", default=0.1, type=POS_FLOAT, help="Step schedule factor.")
 @click.option(
     "--augment",
     default="crop-flip",
@@ -222,7 +225,7 @@ def precompute(**kw) -> None:
     help="How several --cache teachers combine.",
 )
 @click.option(
-    "--memory-budget-gb", default=4.0, type=float, help="Load caches into RAM up to this."
+    "--memory-budget-gb", default=4.0, type=NONNEG, help="Load caches into RAM up to this."
 )
 @click.option("--image-size", default=None, type=POS_INT, help="View output size (rrc-flip).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
@@ -233,7 +236,7 @@ def precompute(**kw) -> None:
 @click.option(
     "--workers",
     default=0,
-    type=int,
+    type=NONNEG_INT,
     help="DataLoader worker processes replaying views (0: in-process).",
 )
 @click.option("--image-column", default=None, help="hfds: image column (default: auto-detect).")
@@ -306,7 +309,7 @@ CKPT = "the checkpoint's, else "
 )  # fmt: skip
 @click.option("--dataset", default=None, show_default=CKPT + "digits", help="Dataset.")
 @click.option("--data-root", default=None, show_default=CKPT + "none", help="Dataset directory.")
-@click.option("--split", default="test", help="Split to evaluate.")
+@click.option("--split", default=None, show_default=CKPT + "test", help="Split to evaluate.")
 @click.option("--num-classes", default=None, type=POS_INT, help="Classes (default: checkpoint).")
 @click.option("--batch-size", default=256, type=POS_INT, help="Batch size.")
 @click.option(
@@ -345,19 +348,22 @@ def list_cmd(kind: str, pattern: str | None, as_json: bool) -> None:
 @click.option("--seeds", default="0-9", help="Seeds: 0-9 or 0,1,2.")
 @click.option("--students", default="resnet8", help="Comma-separated student models.")
 @click.option("--hparam", multiple=True, help="Grid [LOSS:]NAME=V1,V2 (repeatable).")
-@click.option("--baseline", default=None, help="Variant compared against (default: 1st loss).")
+@click.option(
+    "--baseline", default=None, show_default="the first variant of the first loss",
+    help="Variant the others are compared against, e.g. ce or kd[T=2,alpha=0.5].",
+)  # fmt: skip
 @click.option("--compare", default="", help="Extra paired comparisons A:B, comma-separated.")
 @click.option("--jobs", default=0, type=int, help="Parallel runs (0: one per core).")
 @click.option("--out", required=True, help="Study directory (rerun to resume).")
 @click.option("--name", default="study", help="Report file name (OUT/NAME.md/.csv/.png).")
 @click.option("--dataset", default="digits", help="Dataset (the cache's).")
 @click.option("--data-root", default=None, help="Dataset directory.")
-@click.option("--epochs", default=8, type=int, help="Epochs per run.")
-@click.option("--batch-size", default=64, type=int, help="Batch size.")
-@click.option("--lr", default=0.05, type=float, help="Learning rate.")
-@click.option("--weight-decay", default=5e-4, type=float, help="Weight decay.")
-@click.option("--schedule", default="cosine", help="step, cosine, constant.")
-@click.option("--device", default="cpu", help="Device of every run.")
+@click.option("--epochs", default=8, type=POS_INT, help="Epochs per run.")
+@click.option("--batch-size", default=64, type=POS_INT, help="Batch size.")
+@click.option("--lr", default=0.05, type=POS_FLOAT, help="Learning rate.")
+@click.option("--weight-decay", default=5e-4, type=NONNEG, help="Weight decay.")
+@click.option("--schedule", default="cosine", type=SCHEDULES, help="LR schedule.")
+@click.option("--device", default="auto", help="Device of every run: auto, cpu, cuda, cuda:N.")
 @click.option("--set", "sets", multiple=True, help="Any other distill field, NAME=JSON.")
 def study(**kw) -> None:
     """Train losses x seeds (x grids x students) from one cache, then a paired-test report."""

@@ -177,6 +177,18 @@ def cache_out(ctx, param, value: str) -> str:
 _STORES = {".zarr", ".h5", ".hdf5"}
 
 
+def shard_option(ctx, param, value: str | None) -> str | None:
+    """precompute --shard I/N: its form is checked while parsing, before any work."""
+    from kdcache.cache.errors import KdcacheError
+    from kdcache.precompute.config import parse_shard
+
+    try:
+        parse_shard(value)
+    except KdcacheError as e:
+        raise click.BadParameter(str(e).partition(": ")[2]) from None
+    return value
+
+
 def version(ctx, param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -290,4 +302,7 @@ STORAGE_OPTIONS = click.option(
 
 
 POS_INT = click.IntRange(min=1)
+NONNEG_INT = click.IntRange(min=0)
 NONNEG = click.FloatRange(min=0)
+POS_FLOAT = click.FloatRange(min=0, min_open=True)
+SCHEDULES = click.Choice(["step", "cosine", "constant"])

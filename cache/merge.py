@@ -34,7 +34,8 @@ def _group(caches: list[Cache]) -> list[list[Cache]]:
 
 
 def _owners(group: list[Cache]) -> dict[int, Cache]:
-    """Which shard provides each chunk; refuses overlaps, gaps and differing layouts."""
+    """Which shard provides each chunk; refuses gaps, differing layouts, and a chunk done in
+    two shards with different checksums (the same chunk twice is the same bytes: one is kept)."""
     base = group[0]
     owner: dict[int, Cache] = {}
     for sh in group:
@@ -45,9 +46,14 @@ def _owners(group: list[Cache]) -> dict[int, Cache]:
                 f"{describe_diff(sh.spec, base.spec)}"
             )
         for c in np.flatnonzero(sh.done()):
-            if int(c) in owner:
-                raise KdcacheError(f"chunk {c} is done in both {owner[int(c)].path} and {sh.path}")
-            owner[int(c)] = sh
+            first = owner.get(int(c))
+            if first is None:
+                owner[int(c)] = sh
+            elif first.checksum(int(c)) != sh.checksum(int(c)):
+                raise KdcacheError(
+                    f"chunk {c} is done in both {first.path} and {sh.path} with different "
+                    "checksums (not the same teacher outputs); expected disjoint or equal chunks"
+                )
     missing = [c for c in range(base.n_chunks) if c not in owner]
     if missing:
         raise KdcacheError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kdcache.cache.errors import KdcacheError
+from kdcache.cache.errors import AttrsError, KdcacheError
 
 MULTI = "multi-teacher"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -33,10 +33,10 @@ def plain_name(name: Any, what: str) -> str:
     return name
 
 
-def _bad(path: str, field: str, value: Any, expected: str) -> KdcacheError:
+def _bad(path: str, field: str, value: Any, expected: str) -> AttrsError:
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return KdcacheError(f"{path}: attrs field {field!r} is {shown}; expected {expected}")
+    return AttrsError(f"{path}: attrs field {field!r} is {shown}; expected {expected}")
 
 
 def _is_int(v: Any) -> bool:
@@ -69,7 +69,7 @@ def check_multi(meta: dict, path: str) -> dict:
 def check_meta(meta: Any, path: str) -> dict:
     """Validate the attrs of a cache or of a multi-teacher store; returns them unchanged."""
     if not isinstance(meta, dict):
-        raise KdcacheError(f"{path}: attrs 'kdcache' is {type(meta).__name__}; expected an object")
+        raise AttrsError(f"{path}: attrs 'kdcache' is {type(meta).__name__}; expected an object")
     kind = meta.get("kind")
     if kind is not None and kind != MULTI:
         raise _bad(path, "kind", kind, f"absent or {MULTI!r}")

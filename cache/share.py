@@ -21,7 +21,14 @@ from kdcache.cache.backends import backend_class, exists, infer_backend, open_ba
 from kdcache.cache.errors import CacheCorruptError, KdcacheError
 from kdcache.cache.reader import MULTI, Cache
 from kdcache.cache.spec import CacheSpec, describe_diff
-from kdcache.cache.store import CacheWriter, new_meta, open_cache, open_members, read_meta
+from kdcache.cache.store import (
+    CacheWriter,
+    make_parent,
+    new_meta,
+    open_cache,
+    open_members,
+    read_meta,
+)
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -51,8 +58,8 @@ class Destination:
                     f"HDF5 caches are written locally only; got {self.dst} (use a .zarr URL: "
                     "the same bytes, chunk by chunk)"
                 )
-        elif not os.path.isdir(os.path.dirname(os.path.abspath(self.dst))):
-            raise KdcacheError(f"directory of {self.dst} does not exist; create it first")
+        else:  # its folder is made as precompute makes --out's (pull ... local/r34.h5)
+            make_parent(self.dst)
         self.lock = lockmod.acquire(
             self.dst, break_lock=break_lock, command=command, storage_options=self.so
         )

@@ -100,6 +100,15 @@ def _check_inputs(spec: CacheSpec, labels: Any, keys: Sequence[str]) -> tuple[np
     return labels.astype(np.int64), keys
 
 
+def make_parent(path: str) -> None:
+    """Create the folder a local cache goes into (as precompute does for --out)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise KdcacheError(f"cannot create the directory of {path} ({e.strerror})") from None
+
+
 def create_cache(
     path: str,
     spec: CacheSpec,
@@ -131,11 +140,11 @@ def create_cache(
                 f"HDF5 caches are written locally only; got {path} (use a .zarr URL, or write "
                 "a local .h5 and `cache push` it)"
             )
-    elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise KdcacheError(f"directory of {path} does not exist; create it first")
     labels, keys = _check_inputs(spec, labels, keys)
     if bname == "hdf5" and spec.compression == "zstd":
         raise KdcacheError("compression 'zstd' is not available for HDF5; use 'gzip' or 'none'")
+    if not is_remote(path):
+        make_parent(path)  # after the inputs were checked: bad input creates no folder
     command = (provenance or {}).get("command")
     wlock = None
     if lock:

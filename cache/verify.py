@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 from kdcache.cache import remote
 from kdcache.cache.dtypes import decode
-from kdcache.cache.errors import CacheCorruptError
+from kdcache.cache.errors import AttrsError, CacheCorruptError
 from kdcache.cache.reader import MULTI, Cache
 from kdcache.cache.spec import dataset_fingerprint
 from kdcache.cache.store import chunk_digest, open_cache, read_meta
@@ -100,7 +100,10 @@ def verify(
     Unopenable paths raise KdcacheError. The replay check needs torch, so it is a callback
     from precompute: replay_check(cache) -> list of problems.
     """
-    meta = read_meta(path, storage_options)
+    try:
+        meta = read_meta(path, storage_options)
+    except AttrsError as e:  # hand-edited attrs are a problem of the cache: exit 1, named
+        return [str(e)]
     members = meta.get("members") or [] if meta.get("kind") == MULTI else [None]
     problems: list[str] = []
     if meta.get("kind") == MULTI and not meta.get("complete"):
@@ -108,7 +111,12 @@ def verify(
     for m in members:
         where = path if m is None else remote.join(path, m)
         prefix = "" if m is None else f"member {m}: "
-        with open_cache(where, storage_options=storage_options) as cache:
+        try:
+            cache = open_cache(where, storage_options=storage_options)
+        except AttrsError as e:
+            problems.append(prefix + str(e))
+            continue
+        with cache:
             found = _verify_one(cache)
             if replay and not found:
                 if replay_check is None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import filecmp
 import logging
 import os
+import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import torch
@@ -35,8 +37,12 @@ RESUME_MAY_CHANGE = (
 )  # fmt: skip
 
 
+# config fields whose option has another name (`--cache` repeated fills `caches`)
+_OPTION = {"caches": "--cache", "hparams": "--hparam"}
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return _OPTION.get(name, "--" + name.replace("_", "-"))
 
 
 def prepare_out(cfg, is_main: bool = True, cache_keys: list[str] | None = None) -> dict | None:
@@ -90,7 +96,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        why = _why(e)
         raise KdcacheError(
             f"--resume: {path} is not a readable kdcache checkpoint ({why}); start over with "
             "--overwrite"
@@ -102,6 +108,18 @@ def load_checkpoint(path: Path) -> dict:
             "start over with --overwrite"
         )
     return ck
+
+
+def _why(e: Exception) -> str:
+    """The reason torch gives, in whole words: the unpickler's own error when torch wraps it
+    in its weights_only advice (whose "re-run with weights_only=False" kdcache never takes)."""
+    text = str(e).strip()
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    first = m.group(1) if m else (text.splitlines() or [""])[0]
+    first = " ".join(first.split())
+    if not first:
+        return type(e).__name__ + (" (empty or truncated file)" if isinstance(e, EOFError) else "")
+    return textwrap.shorten(first, 120, placeholder=" ...")
 
 
 def check_resumable(old: dict, new: dict, path: Path) -> None:

@@ -4,6 +4,26 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# the allowed interval of each float option ("(" / ")": open end, "[" / "]": closed end)
+_RANGES = {
+    "lr": "(0, inf)",
+    "momentum": "[0, 1]",
+    "weight_decay": "[0, inf)",
+    "gamma": "(0, inf)",
+    "memory_budget_gb": "[0, inf)",
+    "warmup_epochs": "[0, inf)",
+    "label_smoothing": "[0, 1)",
+    "ema_decay": "(0, 1)",
+    "clip_grad": "(0, inf)",
+}
+
+
+def _inside(v: float, interval: str) -> bool:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = v >= lo if interval[0] == "[" else v > lo
+    below = v <= hi if interval[-1] == "]" else v < hi
+    return above and below  # False for NaN
+
 
 @dataclass
 class DistillConfig:
@@ -70,3 +90,42 @@ class DistillConfig:
     def to_dict(self) -> dict:
         """Plain JSON-able dict (checkpoints carry their own config)."""
         return asdict(self)
+
+    def validate(self) -> None:
+        """Refuse out-of-range training options before anything is built, launched or written
+        (the CLI's range types say the same for typed flags; this covers `study --set`, config
+        files and the Python API)."""
+        from kdcache.cache.errors import KdcacheError
+
+        def bad(name: str, expected: str) -> KdcacheError:
+            flag = "--" + name.replace("_", "-")
+            v = getattr(self, name)
+            shown = repr(v) if isinstance(v, str) else v
+            return KdcacheError(f"{flag} {shown}: expected {expected}")
+
+        choices = {
+            "optimizer": ("sgd", "adamw"),
+            "schedule": ("step", "cosine", "constant"),
+            "teacher_view": ("same", "mean"),
+            "ensemble": ("mean-logits", "mean-probs"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, "one of " + ", ".join(allowed))
+        ints = {"epochs": 1, "batch_size": 1, "eval_every": 1, "log_every": 0, "accum_steps": 1,
+                "workers": 0, "num_classes": 1, "max_samples": 1, "max_steps": 1}  # fmt: skip
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if v is None and name in ("num_classes", "max_samples", "max_steps"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise bad(name, f"an integer >= {lo}")
+        for name, interval in _RANGES.items():
+            v = getattr(self, name)
+            if v is None and name == "clip_grad":
+                continue
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not (number and _inside(float(v), interval)):
+                raise bad(name, f"a number in {interval}")
+        if not all(isinstance(m, int) and m >= 1 for m in self.milestones):
+            raise bad("milestones", "epochs >= 1, comma-separated")

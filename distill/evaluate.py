@@ -21,6 +21,7 @@ FROM_CHECKPOINT = {
     "dataset": "dataset",
     "data_root": "data_root",
     "image_size": "image_size",
+    "test_split": "split",  # the split the run evaluated on (e.g. val), unless it was none
 }
 
 
@@ -44,8 +45,8 @@ def load_checkpoint(path: str | Path, option: str = "--weights") -> dict:
 
 
 def checkpoint_defaults(weights: str) -> dict:
-    """Model/dataset/data root/image size of the run that wrote `weights` ({} for a plain
-    state dict, whose run is unknown)."""
+    """Model, dataset, data root, image size and evaluated split of the run that wrote
+    `weights` ({} for a plain state dict, whose run is unknown)."""
     try:
         ck = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - create_model reports unreadable files properly
@@ -54,6 +55,8 @@ def checkpoint_defaults(weights: str) -> dict:
     if not isinstance(cfg, dict):
         return {}
     out = {arg: cfg.get(field) for field, arg in FROM_CHECKPOINT.items() if cfg.get(field)}
+    if out.get("split") == "none":
+        del out["split"]
     if "image_size" not in out and cfg.get("caches"):
         size = _cache_view_size(cfg["caches"][0], cfg.get("storage_options"))
         if size:
@@ -85,7 +88,7 @@ def run_evaluate(
     model: str | None = None,
     dataset: str | None = None,
     data_root: str | None = None,
-    split: str = "test",
+    split: str | None = None,
     num_classes: int | None = None,
     batch_size: int = 256,
     image_size: int | None = None,
@@ -99,8 +102,12 @@ def run_evaluate(
     from kdcache.models.runtime import resolve_device
 
     given = {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size}
+    given["split"] = split
     ck = checkpoint_defaults(weights)
+    if dataset is not None and dataset != ck.get("dataset"):
+        ck.pop("split", None)  # the run's evaluated split belongs to the run's dataset
     args = {k: v if v is not None else ck.get(k) for k, v in given.items()}
+    split = args["split"] or "test"
     if args["model"] is None:
         raise KdcacheError(
             f"--model is required: {weights!r} is a plain state dict without a kdcache run "

@@ -7,7 +7,6 @@ import logging
 import time
 
 import torch
-from kdcache.cache.errors import KdcacheError
 from kdcache.distill.steplog import interval_row
 from tqdm import tqdm
 
@@ -15,19 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def check_options(cfg) -> None:
-    """The loop's own options, refused before anything is built or written."""
-    for name, lo in (("eval_every", 1), ("log_every", 0), ("accum_steps", 1)):
-        if getattr(cfg, name) < lo:
-            flag = "--" + name.replace("_", "-")
-            raise KdcacheError(f"{flag} {getattr(cfg, name)} must be an integer >= {lo}")
-    if cfg.warmup_epochs < 0:
-        raise KdcacheError(f"--warmup-epochs {cfg.warmup_epochs} must be >= 0")
-    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
-        raise KdcacheError(f"--clip-grad {cfg.clip_grad} must be a norm > 0")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise KdcacheError(f"--label-smoothing {cfg.label_smoothing} must lie in [0, 1)")
-    if cfg.ema and not 0.0 < cfg.ema_decay < 1.0:
-        raise KdcacheError(f"--ema-decay {cfg.ema_decay} must lie in (0, 1)")
+    """Every option's range (`DistillConfig.validate`), refused before anything is built or
+    written; TensorBoard must be installed when asked for."""
+    cfg.validate()
     if cfg.tensorboard:
         from kdcache.distill.steplog import require_tensorboard
 

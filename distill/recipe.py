@@ -149,6 +149,14 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps
 
 
+def epoch_lr(lr: float, first: int, end: int, warmup_steps: int) -> float:
+    """The lr an epoch's optimizer steps `first..end-1` used on average, warm-up included: what
+    metrics.jsonl and the lr panel show (the scheduler's lr alone is flat during warm-up)."""
+    if end <= first or first >= warmup_steps:
+        return lr
+    return lr * sum(warmup_factor(s, warmup_steps) for s in range(first, end)) / (end - first)
+
+
 def steps_per_epoch(items: int, batch_size: int, world_size: int, accum: int = 1) -> int:
     """Optimizer steps of one epoch (a last batch smaller than the world size is dropped)."""
     full, rest = divmod(items, batch_size)

@@ -94,7 +94,7 @@ def build_run(cfg: DistillConfig, rt) -> Run:
         )
     from kdcache.distill.loop import views_per_sample
 
-    views_per_sample(cfg.views)  # validated before anything runs
+    k = views_per_sample(cfg.views)  # validated before anything runs
     loss_fn, needs_teacher, hp = _loss(cfg)
     if needs_teacher and not cfg.caches and cfg.loss != "mrkd" and not cfg.teacher:
         raise KdcacheError(
@@ -160,6 +160,11 @@ def build_run(cfg: DistillConfig, rt) -> Run:
         caches = open_caches(cfg.caches, train, num_classes, cfg.storage_options)
         teacher = CachedTeacher(
             caches, cfg.teacher_view, cfg.ensemble, int(cfg.memory_budget_gb * (1 << 30))
+        )
+    if teacher is not None and k > teacher.num_augs:
+        raise KdcacheError(
+            f"--views {k} needs >= {k} cached views; the cache has {teacher.num_augs} "
+            "(use --views one, all, or K <= its views)"
         )
     cache0 = teacher.caches[0] if teacher is not None else None
     tok = None

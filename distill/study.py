@@ -39,7 +39,7 @@ class StudySpec:
     cache: str | None = None
     loss_cache: dict[str, str] = field(default_factory=dict)  # loss -> its own cache
     hparam_grid: dict[str, dict[str, list]] = field(default_factory=dict)  # loss|"*" -> grid
-    baseline: str | None = None  # a variant label; default: the first loss
+    baseline: str | None = None  # a variant label; default: the first variant of the first loss
     compare: list[tuple[str, str]] = field(default_factory=list)  # extra (a, b) pairs
     jobs: int = 0  # 0: one per core
     name: str = "study"
@@ -111,6 +111,8 @@ def plan(spec: StudySpec) -> list[PlannedRun]:
     from kdcache.distill.losses import check_hparams, loss_defaults, loss_needs_cache
 
     runs = []
+    if not spec.losses:
+        raise KdcacheError("--losses is empty; expected comma-separated losses, e.g. ce,kd")
     unknown = set(spec.hparam_grid) - {"*"} - set(spec.losses)
     if unknown:
         raise KdcacheError(f"--hparam names loss {sorted(unknown)[0]!r}, not in --losses")
@@ -160,9 +162,11 @@ def run_config(spec: StudySpec, r: PlannedRun) -> dict:
         plots=False,
     )
     try:
-        return DistillConfig(**base).to_dict()
+        cfg = DistillConfig(**base)
     except TypeError as e:
         raise KdcacheError(f"--set: {e}") from None
+    cfg.validate()  # a bad --lr / --schedule / --set is refused before any run is launched
+    return cfg.to_dict()
 
 
 def _pending(spec: StudySpec, runs: list[PlannedRun]) -> list[tuple[PlannedRun, dict]]:
@@ -214,8 +218,8 @@ def run_study(spec: StudySpec) -> dict:
     from kdcache.distill.study_stats import load_results, write_report
 
     runs = plan(spec)
-    baseline = spec.baseline or variant_label(spec.losses[0], {})
     variants = list(dict.fromkeys(r.variant for r in runs))
+    baseline = spec.baseline or variants[0]  # the first variant of the first loss
     for opt, name in [
         ("--baseline", baseline),
         *(("--compare", v) for p in spec.compare for v in p),

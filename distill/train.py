@@ -25,7 +25,7 @@ from kdcache.distill.loop import (
 from kdcache.distill.metrics import MetricsLog
 from kdcache.distill.plots import run_title
 from kdcache.distill.progress import EpochBar, check_options, place_on_device
-from kdcache.distill.recipe import ModelEma, Recipe, steps_per_epoch, warmup_factor
+from kdcache.distill.recipe import ModelEma, Recipe, epoch_lr, steps_per_epoch, warmup_factor
 from kdcache.distill.setup import build_run, make_optimizer, make_scheduler
 from kdcache.distill.steplog import StepLog
 from kdcache.models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
@@ -118,6 +118,9 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         )
 
     record: dict = {}
+    if ck is not None and start_epoch >= cfg.epochs:  # --resume of a finished run: say so
+        record = {**ck.get("record", {}), "already_finished": True}
+        record["best_acc"], record["best_epoch"] = best, best_epoch
     nxt = batches_for(start_epoch) if start_epoch < cfg.epochs else None
     bar = tqdm(
         range(start_epoch, cfg.epochs),
@@ -127,7 +130,7 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
         dynamic_ncols=True,
     )
     for epoch in bar:
-        lr = sched.get_last_lr()[0]
+        lr, first_step = sched.get_last_lr()[0], step
         inner = EpochBar(
             rt.is_main,
             steplog,
@@ -182,6 +185,7 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
                     channels_last=channels_last,
                 ),
             )
+        lr = epoch_lr(lr, first_step, step, recipe.warmup_steps)
         record = _record(epoch, lr, sums, ev, seconds, step)
         sched.step()
         acc = record.get("test_acc", record["train_acc"] if r.test is None else None)
@@ -227,13 +231,14 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
 def summary_line(rec: dict, out: str) -> str:
     """The run's final line: last and best accuracy and where best.pt is."""
     kind = "test" if "test_acc" in rec else "train"
-    parts = [
-        f"done: epoch {rec['epoch']}",
+    head = "already finished (nothing to resume)" if rec.get("already_finished") else "done"
+    parts = [  # epochs counted from 1, as in the figures (metrics.jsonl keeps 0-based)
+        f"{head}: epoch {rec['epoch'] + 1}",
         f"loss {rec['loss']:.4f}",
         f"last {kind} acc {rec.get('test_acc', rec['train_acc']):.4f}",
     ]
     if rec.get("best_epoch", -1) >= 0:
-        parts.append(f"best {rec['best_acc']:.4f} (epoch {rec['best_epoch']})")
+        parts.append(f"best {rec['best_acc']:.4f} (epoch {rec['best_epoch'] + 1})")
     if "ema_test_acc" in rec:
         parts.append(f"ema acc {rec['ema_test_acc']:.4f}")
     parts.append(f"{rec['samples_per_s']:.0f} samples/s")

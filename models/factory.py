@@ -9,6 +9,7 @@ Text models take ``(input_ids, attention_mask)`` and return logits.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
@@ -188,10 +189,43 @@ def model_input_size(info: dict) -> tuple[int, ...]:
     return tuple(int(v) for v in pre["input_size"][1:])
 
 
+class _HeldDownloadLine:
+    """stdout/stderr while a hub library loads weights. torch prints `Downloading: "URL" to
+    PATH` (to stdout) before it connects; that line is held until the download shows progress
+    (then written, in order) and dropped when loading fails, so offline the `error:` line is
+    the only output."""
+
+    def __init__(self, stream, peers: list) -> None:
+        self.stream, self.held, self.peers = stream, "", peers
+        peers.append(self)
+
+    def write(self, text: str) -> int:
+        if text.startswith("Downloading: ") and not self.held:
+            self.held = text
+            return len(text)
+        for p in self.peers:  # progress on either stream: the download is running
+            p.release()
+        return self.stream.write(text)
+
+    def release(self) -> None:
+        if self.held:
+            self.stream.write(self.held)
+            self.held = ""
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def _hub_call(name: str, fn: Callable[[], nn.Module]) -> nn.Module:
     """Run a library's pretrained download; offline failures become one-line KdcacheErrors."""
+    streams = sys.stdout, sys.stderr
+    held: list = []
+    sys.stdout, sys.stderr = (_HeldDownloadLine(s, held) for s in streams)
     try:
-        return fn()
+        out = fn()
+        for h in held:
+            h.release()
+        return out
     except KdcacheError:
         raise
     except Exception as e:  # noqa: BLE001 - hub libraries raise many network error types
@@ -199,6 +233,8 @@ def _hub_call(name: str, fn: Callable[[], nn.Module]) -> nn.Module:
             f"cannot load pretrained weights for {name!r} ({type(e).__name__}: "
             f"{first_line(e)[:200]}); offline? pass --weights PATH or fill the hub cache first"
         ) from e
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 # ----------------------------------------------------------------------------- builders

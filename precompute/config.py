@@ -5,6 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N); (0, 1) without a shard. Shards of one spec share one cache key,
+    so team members split a teacher run and `cache merge` joins the partial caches."""
+    from kdcache.cache.errors import KdcacheError
+
+    if text is None:
+        return 0, 1
+    i, sep, n = str(text).partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not sep or count < 1 or not 0 <= index < count:
+        raise KdcacheError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/2 and 1/2")
+    return index, count
+
+
 @dataclass
 class PrecomputeConfig:
     """Options of a precompute run. Only the spec-relevant ones reach the cache key."""
@@ -53,6 +70,7 @@ class PrecomputeConfig:
     label_column: str | None = None
     topk: int | None = None
     sampled: int | None = None
+    shard: str | None = None  # "I/N": only chunks c % N == I (a partial cache); not keyed
     storage_options: dict = field(default_factory=dict)
     command: str | None = None
     # every CLI option as resolved (file, flags, defaults); written to the run's config.yaml

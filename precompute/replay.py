@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from kdcache.cache.errors import KdcacheError
+from kdcache.cache.errors import AttrsError, KdcacheError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ def replay_problems(cache, data_root: str | None) -> list[str]:
     if name in ("hfds", "wds"):  # located by --data-root, else where stage 1 read it
         where = data_root or str(prov.get("dataset", "")).partition(":")[2]
         name, data_root = f"{name}:{where}", None
+    else:  # imagefolder, text, cifar: --data-root, else the root stage 1 read (provenance)
+        data_root = data_root or prov.get("data_root")
     ds = load_dataset(name, root=data_root, split=spec.dataset["split"], max_samples=spec.n)
     samples, same = cache_rows(spec.dataset, cache.keys, ds)
     if not same:
@@ -65,7 +67,10 @@ def run_verify(
 
     problems = verify(path, storage_options=storage_options or None)
     if replay:
-        cache = open_cache(path, storage_options=storage_options or None)
+        try:
+            cache = open_cache(path, storage_options=storage_options or None)
+        except AttrsError:
+            return problems  # verify named the bad attrs; nothing to replay from
         try:
             problems += replay_problems(cache, data_root)
         except KdcacheError as e:

@@ -24,7 +24,7 @@ from kdcache.models.runtime import (
     write_run_config,
 )
 from kdcache.precompute import loop as chunk_loop
-from kdcache.precompute.config import PrecomputeConfig
+from kdcache.precompute.config import PrecomputeConfig, parse_shard
 from kdcache.precompute.setup import Setup, build_setup, resolve_out_path
 from tqdm import tqdm
 
@@ -90,9 +90,32 @@ def run(cfg: PrecomputeConfig) -> dict:
         shutdown(rt)
 
 
+def _check_shard(cfg: PrecomputeConfig, setup: Setup, rt: Runtime) -> None:
+    """--shard I/N must own a chunk; HDF5 under torchrun merges complete rank files only."""
+    index, count = parse_shard(cfg.shard)
+    if index >= setup.spec.n_chunks:
+        raise KdcacheError(
+            f"--shard {cfg.shard}: the cache has {setup.spec.n_chunks} chunks, so shard {index} "
+            f"would have none; expected N <= {setup.spec.n_chunks} (or smaller --chunk-samples)"
+        )
+    if count > 1 and setup.backend == "hdf5" and rt.distributed:
+        raise KdcacheError(
+            f"--shard {cfg.shard} under torchrun needs a zarr --out (HDF5 ranks write files "
+            "that are merged only when complete); use .zarr, then `cache convert` to .h5"
+        )
+
+
+def shard_chunks(todo: list[int], shard: str | None, rank: int, world_size: int) -> list[int]:
+    """The chunks this process computes: those of its shard (c % N == I), dealt to the
+    torchrun ranks in turn ((c // N) % world_size == rank; without a shard c % world_size)."""
+    index, count = parse_shard(shard)
+    return [c for c in todo if c % count == index and (c // count) % world_size == rank]
+
+
 def _run(cfg: PrecomputeConfig, rt: Runtime) -> dict:
     t0 = time.perf_counter()
     setup = build_setup(cfg, rt.device)
+    _check_shard(cfg, setup, rt)
     path = resolve_out_path(cfg, setup)
     existed = exists(path, cfg.storage_options or None)
     writer = _open_writer(cfg, setup, rt, path)
@@ -113,7 +136,7 @@ def _run(cfg: PrecomputeConfig, rt: Runtime) -> dict:
 
 
 def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer, t0: float):
-    todo = writer.todo_chunks(rt.rank, rt.world_size)
+    todo = shard_chunks(writer.todo_chunks(), cfg.shard, rt.rank, rt.world_size)
     spec = setup.spec
     n_todo = sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in todo)
     log.info("rank %d: %d chunks to compute (%d samples)", rt.rank, len(todo), n_todo)
@@ -143,13 +166,18 @@ def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer
             merge_shards(path, shards)
             for s in shards:
                 Path(s).unlink(missing_ok=True)
-    elif rt.is_main:
+    elif rt.is_main and not writer.missing_chunks():
         writer.finalize()
-    else:
+    else:  # other ranks; or a shard whose other chunks are someone else's (a partial cache)
         writer.close()
     barrier(rt)
+    if not rt.is_main:
+        return {}  # rank 0 reports (and the CLI prints) the summary once
     seconds = time.perf_counter() - t0
-    return summarize(path, setup, seconds, n_todo, cfg.storage_options)
+    out = summarize(path, setup, seconds, n_todo, cfg.storage_options)
+    if cfg.shard is not None:
+        out["shard"] = cfg.shard
+    return out
 
 
 def summarize(path: str, setup: Setup, seconds: float, computed: int, storage_options) -> dict:
@@ -176,6 +204,13 @@ def summarize(path: str, setup: Setup, seconds: float, computed: int, storage_op
 def format_summary(s: dict) -> str:
     """Human-readable summary line block for the CLI."""
     n, a, c = s["shape"]
+    shard = ""
+    if s.get("shard") and not s["complete"]:
+        index, count = parse_shard(s["shard"])
+        shard = (
+            f"\nshard     {s['shard']}: chunks c % {count} == {index} done; join the shards with "
+            "`kdcache cache merge OUT SHARD...`"
+        )
     return (
         f"cache     {s['path']}\n"
         f"key       {s['key']}\n"
@@ -183,5 +218,5 @@ def format_summary(s: dict) -> str:
         f"bytes     {s['bytes']}\n"
         f"complete  {s['complete']}\n"
         f"time      {s['seconds']} s for {s['computed_samples']} samples "
-        f"({s['views_per_s']} views/s)"
+        f"({s['views_per_s']} views/s)" + shard
     )

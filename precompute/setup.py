@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from kdcache.cache.errors import KdcacheError
 from kdcache.cache.spec import CacheSpec
-from kdcache.precompute.config import PrecomputeConfig
+from kdcache.precompute.config import PrecomputeConfig, parse_shard
 
 SUFFIXES = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
 
@@ -242,6 +242,7 @@ def _check_options(cfg: PrecomputeConfig) -> None:
             raise KdcacheError(f"--{name.replace('_', '-')} {v} must be a positive integer")
     if cfg.workers < 0:
         raise KdcacheError(f"--workers {cfg.workers} must be >= 0")
+    parse_shard(cfg.shard)
     given = [n for n, v in (("--weights", cfg.weights), ("--pretrained", cfg.pretrained),
              ("--random-init", cfg.random_init is not None)) if v]  # fmt: skip
     if len(given) > 1:

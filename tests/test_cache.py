@@ -362,8 +362,16 @@ w.write_chunk(2, LOGITS[32:48], VIEWS[32:48])
         merge_shards(other, shards)  # shards of one backend into a cache of the other
         assert raw_arrays(other)["logits"].tobytes() == want["logits"].tobytes()
         out2 = str(tmp_path / "x.zarr")
-        with pytest.raises(KdcacheError, match="chunk 0 is done in both"):
-            merge_shards(out2, [shards[0], ref])
+        both = str(tmp_path / "both.zarr")  # chunks 0 and 2 done in both, byte-identical
+        merge_shards(both, [shards[0], ref])
+        assert raw_arrays(both)["logits"].tobytes() == want["logits"].tobytes()
+        bad = str(tmp_path / ("bad" + path.suffix))  # chunk 0 done again, other logits
+        w = create_cache(bad, make_spec(), labels=LABELS, keys=KEYS)
+        s, e = w.chunk_range(0)
+        w.write_chunk(0, LOGITS[s:e] + 1, VIEWS[s:e])
+        w.close()
+        with pytest.raises(KdcacheError, match="chunk 0 is done in both .* different checksums"):
+            merge_shards(out2, [shards[0], shards[1], bad])
         with pytest.raises(KdcacheError, match=r"no shard has chunks \[1, 3\]"):
             merge_shards(out2, shards[:1])
         odd = str(tmp_path / ("odd" + path.suffix))

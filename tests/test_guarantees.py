@@ -119,8 +119,10 @@ def test_4_attrs_of_wrong_type_give_one_error_line(tmp_path, changes, field):
 def test_4_bad_view_param_type_is_refused(tmp_path):
     path = write(tmp_path / "c.zarr", respec("views", params={"pad": 4}))
     edit_spec(path, "views", params={"pad": "xxx"})
-    line = err_line(cli("cache", "verify", path, ok=False))
+    line = err_line(cli("cache", "info", path, ok=False))
     assert "spec.views.params.pad" in line and "'xxx'" in line
+    (problem,) = cli_problems(path)  # verify names it as a problem of the cache: exit 1
+    assert problem.startswith("problem: ") and "spec.views.params.pad" in problem
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])

@@ -234,6 +234,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, fmt):
     cli("precompute", *args[1:], "--out", single)
     p = torchrun(2, *args, "--out", multi)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("cache     ") == 1, p.stdout  # the summary once (rank 0)
     _same_bytes(single, multi)
     assert not list(tmp_path.glob("two.*rank*"))  # HDF5 shards were merged and removed
 

@@ -118,7 +118,7 @@ def test_precompute_to_s3_and_distill_from_s3(s3, tmp_path):
         "--max-samples",
         "32",
     )
-    assert "done: epoch 0" in res.output
+    assert "done: epoch 1" in res.output
     assert s3.writes(n) == [] and len(s3.requests) > n  # training read it and wrote nothing
 
 

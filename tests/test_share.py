@@ -90,8 +90,14 @@ def test_copy_refusals_write_nothing(tmp_path):
                                          ok=False))  # fmt: skip
     assert "no cache at" in err(cli("cache", "pull", tmp_path / "nope.zarr", tmp_path / "z.zarr",
                                     ok=False))  # fmt: skip
-    assert "directory of" in err(cli("cache", "pull", src, tmp_path / "no" / "dir.zarr", ok=False))
+    bad_dir = tmp_path / "plain" / "x.txt" / "dir.zarr"  # its folder cannot be made: a file
+    assert "cannot create the directory" in err(cli("cache", "pull", src, bad_dir, ok=False))
     assert {p.name for p in tmp_path.iterdir()} == before | {"plain"}
+    cli("cache", "pull", src, tmp_path / "no" / "dir.zarr")  # a new folder is made, as precompute
+    assert (
+        raw_arrays(tmp_path / "no" / "dir.zarr")["logits"].tobytes()
+        == raw_arrays(src)["logits"].tobytes()
+    )
     # a second writer is refused with the owner; --break-lock takes over
     w = create_cache(str(tmp_path / "busy.zarr"), make_spec(), labels=LABELS, keys=KEYS)
     msg = err(cli("cache", "pull", src, tmp_path / "busy.zarr", ok=False))
@@ -174,7 +180,7 @@ def test_distill_reads_sparse_and_multi_teacher_caches(tmp_path):
     run = ["distill", "--student", "resnet8", "--loss", "kd", "--epochs", "1", "--test-split",
            "none", *TRAIN, "--max-samples", "32"]  # fmt: skip
     res = cli(*run, "--cache", tmp_path / "team.zarr", "--out", tmp_path / "r1")
-    assert "done: epoch 0" in res.output
+    assert "done: epoch 1" in res.output
     cfg = DistillConfig(student="resnet8", loss="kd", caches=[str(tmp_path / "team.zarr")],
                         max_samples=32, test_split="none")  # fmt: skip
     r = build_run(cfg, init_runtime("cpu"))

@@ -60,14 +60,16 @@ def test_logs_eval_every_recipe_and_summary(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in steps] == [0, 0, 1, 1, 2, 2]
     assert steps[0]["lr"] == pytest.approx(0.05 / 2)  # warmup over 2 steps: half at step 1
+    # metrics.jsonl (and the lr panel) show the warm-up too: the mean of 1/2 and 1 of 0.05
+    assert recs[0]["lr"] == pytest.approx(0.05 * 0.75) and recs[1]["lr"] < 0.05
     assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in steps)
     assert (run / "steps.csv").read_text().splitlines()[0].startswith("ce,")
     assert list((run / "tb").glob("events.out.tfevents.*"))
     best = torch.load(run / "best.pt", weights_only=True)
     assert "ema" in best and best["epoch"] == best["best_epoch"]
     last = res.output[res.output.rindex("done: ") :].strip()  # after the bars' stderr
-    assert last.startswith("done: epoch 2") and f"best.pt: {run / 'best.pt'}" in last
-    assert f"best {best['best_acc']:.4f} (epoch {best['epoch']})" in last
+    assert last.startswith("done: epoch 3") and f"best.pt: {run / 'best.pt'}" in last
+    assert f"best {best['best_acc']:.4f} (epoch {best['epoch'] + 1})" in last  # from 1
     assert f"last test acc {recs[-1]['test_acc']:.4f}" in last and "ema acc" in last
 
 
