@@ -40,7 +40,6 @@ from kdcache.cliconfig import (  # noqa: E402
     resolved_options,
     run_dir,
     shard_option,
-    storage_options_dict,
     version,
     weights_file,
 )
@@ -162,14 +161,12 @@ def main(verbose: bool) -> None:
 @STORAGE_OPTIONS
 def precompute(**kw) -> None:
     """Stage 1: run the teacher once under seeded views and store its raw logits."""
-    from kdcache.precompute.config import PrecomputeConfig
-    from kdcache.precompute.run import format_summary, run
+    from kdcache.precompute.api import run_options
+    from kdcache.precompute.run import format_summary
 
-    kw["format"] = kw.pop("fmt")
-    kw["storage_options"] = storage_options_dict(kw["storage_options"])
     kw["command"] = shlex.join(sys.argv)
     kw["cli_options"] = resolved_options(click.get_current_context())
-    summary = run(PrecomputeConfig(**kw))
+    summary = run_options(kw)  # the very function kdcache.precompute() calls
     if summary:  # only rank 0 returns one under torchrun
         click.echo(format_summary(summary))
 
@@ -275,25 +272,11 @@ def precompute(**kw) -> None:
 @STORAGE_OPTIONS
 def distill(**kw) -> None:
     """Stage 2: train a student from cached teacher logits (or plain CE without a cache)."""
-    from kdcache.distill.config import DistillConfig
-    from kdcache.distill.train import run, summary_line
+    from kdcache.distill.api import run_options
+    from kdcache.distill.train import summary_line
 
-    hp = parse_hparams(kw.pop("hparam"))
-    for name, key in (("temperature", "T"), ("alpha", "alpha")):
-        value = kw.pop(name)
-        if value is not None:
-            hp[key] = value
-    kw["hparams"] = hp
-    kw["caches"] = list(kw["caches"])
-    try:
-        kw["milestones"] = [int(m) for m in kw["milestones"].split(",") if m.strip()]
-    except ValueError:
-        raise click.BadParameter(
-            f"{kw['milestones']!r} is not a list of epochs", param_hint="--milestones"
-        ) from None
-    kw["storage_options"] = storage_options_dict(kw["storage_options"])
     kw["cli_options"] = resolved_options(click.get_current_context())
-    rec = run(DistillConfig(**kw))
+    rec = run_options(kw)  # the very function kdcache.distill() calls
     if rec:  # only rank 0 returns a record under torchrun
         click.echo(summary_line(rec, kw["out"]))
 

@@ -306,3 +306,40 @@ NONNEG_INT = click.IntRange(min=0)
 NONNEG = click.FloatRange(min=0)
 POS_FLOAT = click.FloatRange(min=0, min_open=True)
 SCHEDULES = click.Choice(["step", "cosine", "constant"])
+
+
+# --- the Python API's options: the click commands' own params (one source of defaults) ---
+
+
+def api_call(command: str, options: dict, body):
+    """`kdcache.<command>(**options)`: each option goes through the click command's own
+    default, type, range and callback exactly as on the command line (as a `--config` file's
+    keys do), then `body(params, resolved_options)` runs. Errors are KdcacheError: unknown
+    names list close matches; click's bad values keep their one-line message."""
+    from kdcache.cache.errors import KdcacheError
+    from kdcache.cli import main
+
+    cmd = main.commands[command]
+    params = {}
+    for p in cmd.params:
+        if isinstance(p, click.Option) and not p.is_eager and p.expose_value:
+            params[option_key(p)] = params[p.name] = p
+    unknown = [str(k) for k in options if str(k) not in params]
+    if unknown:
+        names = sorted({option_key(p) for p in params.values()})
+        said = ", ".join(
+            f"{u!r}" + (f" (did you mean {', '.join(map(repr, c))}?)" if c else "")
+            for u in unknown
+            for c in [difflib.get_close_matches(u.replace("-", "_"), names, 3)]
+        )
+        plural = "s" * (len(unknown) > 1)
+        raise KdcacheError(
+            f"kdcache.{command}(): unknown option{plural} {said}; expected the "
+            f"`kdcache {command}` options in snake_case"
+        )
+    defaults = {params[k].name: _to_click(params[k], v) for k, v in options.items()}
+    try:
+        with cmd.make_context(f"kdcache.{command}()", [], default_map=defaults) as ctx:
+            return body(dict(ctx.params), resolved_options(ctx))
+    except click.ClickException as e:
+        raise KdcacheError(" ".join(e.format_message().split())) from None

@@ -312,3 +312,27 @@ def cache_rows(spec_dataset: dict, cache_keys, dataset) -> tuple[np.ndarray, boo
     except KdcacheError:
         return np.empty(0, np.int64), False
     return rows, ordered_fingerprint(dataset, rows) == spec_dataset.get("fingerprint")
+
+
+def match_rows(path: str, spec, cache_keys, dataset) -> np.ndarray:
+    """The dataset index of every cache row; KdcacheError (distill's message, with a hint)
+    when the dataset given is not the one the cache was computed on (size or fingerprint)."""
+    name, split = spec.dataset.get("name"), spec.dataset.get("split")
+    hint = (
+        f"; pass --dataset {name} (and its --data-root)"
+        if name and name != dataset.name
+        else "; check --data-root, --split and --max-samples"
+    )
+    if spec.n != len(dataset):
+        raise KdcacheError(
+            f"cache {path} was computed on {name}/{split} with N={spec.n} samples but the dataset "
+            f"given, {dataset.name}/{dataset.split}, has {len(dataset)}{hint}"
+        )
+    rows, same = cache_rows(spec.dataset, cache_keys, dataset)
+    if not same:
+        raise KdcacheError(
+            f"cache {path} was computed on another {name}/{split} (fingerprint "
+            f"{spec.dataset.get('fingerprint', '')[:12]} does not match the keys and "
+            f"labels of {dataset.name}/{dataset.split}){hint}"
+        )
+    return rows

@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import torch
+from kdcache.cache.ensemble import combine  # noqa: F401 - re-exported (moved down a layer)
 from kdcache.cache.errors import KdcacheError
 
 log = logging.getLogger(__name__)
@@ -26,29 +27,12 @@ def open_caches(paths: list[str], dataset, num_classes: int, storage_options: di
         caches += members
         names += [p] if len(members) == 1 else [c.path for c in members]
     paths = names
-    from kdcache.data.loader import cache_rows
+    from kdcache.data.loader import match_rows
 
     first = caches[0]
     rows0 = None
     for p, c in zip(paths, caches, strict=True):
-        name, split = c.spec.dataset.get("name"), c.spec.dataset.get("split")
-        hint = (
-            f"; pass --dataset {name} (and its --data-root)"
-            if name and name != dataset.name
-            else "; check --data-root, --split and --max-samples"
-        )
-        if c.n != len(dataset):
-            raise KdcacheError(
-                f"cache {p} was computed on {name}/{split} with N={c.n} samples but the dataset "
-                f"given, {dataset.name}/{dataset.split}, has {len(dataset)}{hint}"
-            )
-        rows, same = cache_rows(c.spec.dataset, c.keys, dataset)
-        if not same:
-            raise KdcacheError(
-                f"cache {p} was computed on another {name}/{split} (fingerprint "
-                f"{c.spec.dataset.get('fingerprint', '')[:12]} does not match the keys and "
-                f"labels of {dataset.name}/{dataset.split}){hint}"
-            )
+        rows = match_rows(p, c.spec, c.keys, dataset)
         if rows0 is not None and not np.array_equal(rows, rows0):
             raise KdcacheError(
                 f"caches {paths[0]} and {p} store their rows in different orders "
@@ -73,21 +57,6 @@ def open_caches(paths: list[str], dataset, num_classes: int, storage_options: di
     for c in caches:
         c.rows = rows0  # cache row -> dataset sample (through the stored keys)
     return caches
-
-
-def combine(logits: list[np.ndarray], mode: str) -> np.ndarray:
-    """Teacher ensemble: mean of logits, or log of the mean of probabilities."""
-    if len(logits) == 1:
-        return logits[0]
-    stack = np.stack([x.astype(np.float32, copy=False) for x in logits])
-    if mode == "mean-logits":
-        return stack.mean(0)
-    if mode == "mean-probs":
-        m = stack.max(-1, keepdims=True)
-        p = np.exp(stack - m)
-        p /= p.sum(-1, keepdims=True)
-        return np.log(p.mean(0) + 1e-12).astype(np.float32)
-    raise KdcacheError(f"unknown --ensemble {mode!r}; expected mean-logits or mean-probs")
 
 
 class CachedTeacher:

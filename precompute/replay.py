@@ -12,33 +12,24 @@ log = logging.getLogger(__name__)
 
 def replay_problems(cache, data_root: str | None) -> list[str]:
     """Recompute the stored view digests from the dataset and the stored params."""
-    from kdcache.data.datasets import load_dataset
+    from kdcache.data.cached import load_cache_source, text_collate
     from kdcache.data.loader import ViewMaker, batched_views, cache_rows, use_batched
-    from kdcache.data.text import TextCollate
     from kdcache.data.views import get_policy, view_digest
     from kdcache.precompute.setup import _as_tensor
 
     spec = cache.spec
-    digests = (cache.attrs.get("provenance") or {}).get("replay_digests") or []
+    prov = cache.attrs.get("provenance") or {}
+    digests = prov.get("replay_digests") or []
     if not digests:
         return ["cache stores no replay digests"]
-    name, prov = spec.dataset["name"], cache.attrs.get("provenance") or {}
-    if name in ("hfds", "wds"):  # located by --data-root, else where stage 1 read it
-        where = data_root or str(prov.get("dataset", "")).partition(":")[2]
-        name, data_root = f"{name}:{where}", None
-    else:  # imagefolder, text, cifar: --data-root, else the root stage 1 read (provenance)
-        data_root = data_root or prov.get("data_root")
-    ds = load_dataset(name, root=data_root, split=spec.dataset["split"], max_samples=spec.n)
+    ds = load_cache_source(spec, prov, data_root)
     samples, same = cache_rows(spec.dataset, cache.keys, ds)
     if not same:
-        return [f"dataset at {data_root!r} does not match the cache's dataset fingerprint"]
+        where = data_root or prov.get("data_root")
+        return [f"dataset at {where!r} does not match the cache's dataset fingerprint"]
     collate = None
     if ds.modality == "text":
-        from kdcache.models.factory import load_tokenizer
-
-        files = cache.tokenizer_files()
-        tok = load_tokenizer({"modality": "text", **spec.teacher, "tokenizer_files": files})
-        collate = TextCollate(tok, spec.teacher["preprocessing"]["max_length"])
+        collate = text_collate(spec, cache.tokenizer_files())[0]
     policy = get_policy(spec.views["policy"], **(spec.views.get("params") or {}))
     maker = ViewMaker(ds, policy, collate, rows=samples)
     problems = []

@@ -1,0 +1,240 @@
+"""`kdcache.CachedDataset` and `kdcache.ChunkSampler`: a cache's replayed views and teacher
+logits for any training loop (plain PyTorch, timm, Hugging Face Trainer).
+
+An item is exactly what the teacher saw: the stored view params of (row, view) replayed on
+the file by the cache's own view policy (the machinery of `kdcache distill`: data/loader.py,
+data/views.py), with that view's cached logits. The view of "one" is a hash of (seed, epoch,
+row) only (cache/epoch.choose_augs, the rule distill uses), so any sampler, worker count or
+rank split gives the same (row, view) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from kdcache.cache.epoch import choose_augs
+from kdcache.cache.errors import KdcacheError
+
+
+def load_cache_source(spec, provenance: dict, data_root: str | None = None, **columns):
+    """The dataset a cache was computed on: `data_root`, else the root stage 1 read (its
+    provenance); hfds/wds sources are located by data_root or the provenance's id/URL."""
+    from kdcache.data.datasets import load_dataset
+
+    name = spec.dataset["name"]
+    if name in ("hfds", "wds"):
+        where = data_root or str(provenance.get("dataset", "")).partition(":")[2]
+        name, data_root = f"{name}:{where}", None
+    else:
+        data_root = data_root or provenance.get("data_root")
+    return load_dataset(
+        name, root=data_root, split=spec.dataset["split"], max_samples=spec.n, **columns
+    )
+
+
+def text_collate(spec, tokenizer_files):
+    """The text teacher's tokenization (the tokenizer stored in the cache)."""
+    from kdcache.data.text import TextCollate
+    from kdcache.models.factory import load_tokenizer
+
+    tok = load_tokenizer({"modality": "text", **spec.teacher, "tokenizer_files": tokenizer_files})
+    return TextCollate(tok, spec.teacher["preprocessing"]["max_length"]), tok
+
+
+def _views_mode(views: Any, num_views: int) -> int:
+    """ "one" -> 1, "all" -> 0, K -> K (1 <= K <= A)."""
+    if views in ("one", "all"):
+        return 1 if views == "one" else 0
+    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
+        raise KdcacheError(f"views={views!r}: expected 'one', 'all' or a positive integer K")
+    if views > num_views:
+        raise KdcacheError(
+            f"views={views} needs >= {views} cached views; the cache has {num_views}"
+        )
+    return int(views)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """A torch Dataset of a cache's replayed views: item = {"input", "label",
+    "teacher_logits" (float32), "row", "view"}.
+
+    `input` is the exact view the teacher saw: a uint8 (3, H, W) image, or for text a dict of
+    `input_ids` / `attention_mask` (batch them with `collate_fn=dataset.collate`). views:
+    "one" (len N; one cached view per row per epoch, chosen by (seed, epoch, row)), "all"
+    (len N*A; item i is row i // A, view i % A) or K (len N; K views of one decoded row,
+    inputs stacked (K, ...), as `distill --views K`). Call `set_epoch(e)` before each epoch
+    (like DistributedSampler); with `persistent_workers=True` the workers keep the epoch
+    they started with, so use non-persistent workers or a new DataLoader per epoch.
+    Data that does not match the cache's fingerprint is refused as `distill` refuses it.
+    Teacher logits are read into RAM (checksum-verified) when they fit `memory_budget_gb`,
+    else chunk by chunk: then use `ChunkSampler` so reads stay chunk-local."""
+
+    def __init__(
+        self,
+        cache: Any,
+        data_root: str | None = None,
+        views: str | int = "one",
+        seed: int = 0,
+        *,
+        storage_options: dict | None = None,
+        memory_budget_gb: float = 4.0,
+    ) -> None:
+        from kdcache.cache.public import TeacherCache, open_cache
+        from kdcache.data.loader import ViewMaker, match_rows, use_batched
+        from kdcache.data.views import get_policy
+
+        if not isinstance(cache, TeacherCache):
+            cache = open_cache(cache, storage_options)
+        self.cache, self.seed, self.epoch = cache, int(seed), 0
+        spec = cache.spec
+        self.k = _views_mode(views, cache.num_views)
+        self.views = views
+        prov = cache.attrs.get("provenance") or {}
+        so = {"storage_options": storage_options} if storage_options else {}
+        self.source = load_cache_source(spec, prov, data_root, **so)
+        self.rows = match_rows(cache.path, spec, lambda: cache.keys, self.source)
+        self.policy = get_policy(spec.views["policy"], **(spec.views.get("params") or {}))
+        self.collate_text = None
+        self.pad_id = 0
+        if self.source.modality == "text":
+            self.collate_text, tok = text_collate(spec, cache.tokenizer_files())
+            self.pad_id = tok.pad_token_id or 0
+        self.maker = ViewMaker(self.source, self.policy, self.collate_text, rows=self.rows)
+        self.batched = use_batched(self.source, self.policy)
+        self.labels = torch.as_tensor(cache.labels)
+        if cache.nbytes() <= memory_budget_gb * (1 << 30):
+            cache.load(None)
+
+    def __len__(self) -> int:
+        n = len(self.cache)
+        return n * self.cache.num_views if self.k == 0 else n
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose views "one" / K items replay (like DistributedSampler.set_epoch)."""
+        self.epoch = int(epoch)
+
+    def row_views(self, index: int) -> tuple[int, np.ndarray]:
+        """(row, views) of item `index` this epoch."""
+        a = self.cache.num_views
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range 0..{len(self) - 1}")
+        if self.k == 0:
+            return index // a, np.array([index % a])
+        start = choose_augs(self.seed, self.epoch, [index], a)[0]
+        return index, (start + np.arange(self.k)) % a
+
+    def _replay(self, row: int, params: np.ndarray):
+        from kdcache.data.loader import batched_views
+
+        sample = int(self.rows[row])
+        if self.batched:  # in-RAM images: distill's batched path (float [0,1] of uint8 bytes)
+            x = batched_views(self.source, self.policy, np.full(len(params), sample), params)
+            if self.policy.params.get("size") is None and x.dtype == torch.float32:
+                x = x.mul_(255.0).round_().to(torch.uint8)  # exact: no resize happened
+            return x
+        views, _ = self.maker.replay(sample, params)
+        if self.collate_text is not None:
+            ids = self.collate_text([views]).repeat(len(params), 1)
+            return self.policy.apply(ids, torch.from_numpy(params))
+        return views
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row, views = self.row_views(int(index))
+        params = np.ascontiguousarray(self.cache.view_params(row, views), dtype=np.float32)
+        x = self._replay(row, params)
+        t = torch.from_numpy(self.cache.logits_numpy(row, views))
+        item = {"input": x, "label": self.labels[row], "teacher_logits": t, "row": row}
+        item["view"] = torch.as_tensor(views)
+        if getattr(self.policy, "mixes", False):  # Mixup/CutMix: partner label and λ
+            partners, lam = self.policy.mix_of(params)
+            item["mix_label"] = self.labels[torch.from_numpy(np.maximum(partners, 0))]
+            item["mix_lam"] = torch.from_numpy(np.asarray(lam, dtype=np.float32))
+        if self.k in (0, 1):  # one view per item: no K axis
+            for key in ("teacher_logits", "view", "mix_label", "mix_lam"):
+                if key in item:
+                    item[key] = item[key][0]
+            item["input"] = {k: v[0] for k, v in x.items()} if isinstance(x, dict) else x[0]
+        return item
+
+    def collate(self, items: list[dict]) -> dict[str, Any]:
+        """Batch items; text inputs are padded to the longest (as distill's batches are)."""
+        if self.collate_text is None:
+            return torch.utils.data.default_collate(items)
+        out = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "input"}
+                                                for it in items])  # fmt: skip
+        for key in items[0]["input"]:
+            seqs = [it["input"][key] for it in items]
+            flat = [s.reshape(-1, s.shape[-1]) for s in seqs]
+            length = max(f.shape[-1] for f in flat)
+            fill = self.pad_id if key == "input_ids" else 0
+            pad = torch.nn.functional.pad
+            padded = [pad(f, (0, length - f.shape[-1]), value=fill) for f in flat]
+            out.setdefault("input", {})[key] = torch.stack(
+                [p.reshape(*s.shape[:-1], length) for p, s in zip(padded, seqs, strict=True)]
+            )
+        return out
+
+
+class ChunkSampler(torch.utils.data.Sampler):
+    """Chunk-aware, rank-sharded order for a `CachedDataset` whose cache is bigger than RAM:
+    each epoch shuffles the chunk order by (seed, epoch), deals chunks to ranks in turn, and
+    shuffles items within buffers of `buffer_chunks` chunks, so reads stay sequential per
+    chunk. Every rank yields the same count (short ranks repeat their own items, like
+    DistributedSampler; `drop_last` trims instead). Call `set_epoch(e)` each epoch."""
+
+    def __init__(
+        self,
+        dataset: CachedDataset,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_chunks: int = 4,
+        drop_last: bool = False,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            dist = torch.distributed
+            on = dist.is_available() and dist.is_initialized()
+            num_replicas = num_replicas if num_replicas is not None else (
+                dist.get_world_size() if on else 1)  # fmt: skip
+            rank = rank if rank is not None else (dist.get_rank() if on else 0)
+        if not 0 <= rank < num_replicas:
+            raise KdcacheError(f"rank {rank} out of range 0..{num_replicas - 1}")
+        if buffer_chunks < 1:
+            raise KdcacheError(f"buffer_chunks={buffer_chunks}: expected >= 1")
+        self.dataset, self.world, self.rank = dataset, int(num_replicas), int(rank)
+        self.shuffle, self.seed, self.buffer = shuffle, int(seed), int(buffer_chunks)
+        self.drop_last, self.epoch = drop_last, 0
+        spec = dataset.cache.spec
+        self.chunk_samples, self.n_chunks = spec.chunk_samples, spec.n_chunks
+        self.per_row = dataset.cache.num_views if dataset.k == 0 else 1
+        total = len(dataset)
+        self.num = total // self.world if drop_last else math.ceil(total / self.world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.Generator(np.random.Philox(key=(self.seed << 32) + self.epoch + 7))
+        chunks = rng.permutation(self.n_chunks) if self.shuffle else np.arange(self.n_chunks)
+        mine = chunks[self.rank :: self.world]
+        n = len(self.dataset.cache)
+        out = []
+        for lo in range(0, len(mine), self.buffer):
+            idx = np.concatenate([
+                np.arange(c * self.chunk_samples, min((c + 1) * self.chunk_samples, n))
+                for c in mine[lo : lo + self.buffer]
+            ])  # fmt: skip
+            idx = (idx[:, None] * self.per_row + np.arange(self.per_row)).reshape(-1)
+            out.append(rng.permutation(idx) if self.shuffle else idx)
+        items = np.concatenate(out) if out else np.empty(0, np.int64)
+        if len(items) < self.num and len(items):  # pad with this rank's own items
+            items = np.resize(items, self.num)
+        return iter(items[: self.num].tolist())
