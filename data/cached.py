@@ -160,6 +160,31 @@ class CachedDataset(torch.utils.data.Dataset):
             item["input"] = {k: v[0] for k, v in x.items()} if isinstance(x, dict) else x[0]
         return item
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch of items read together (what DataLoader calls with batch_size): one
+        gather of logits and params, and for in-RAM images one batched replay; the items
+        are equal to `[self[i] for i in indices]`."""
+        if not self.batched or self.k != 1 or getattr(self.policy, "mixes", False):
+            return [self[i] for i in indices]
+        from kdcache.data.loader import batched_views
+
+        rows = np.asarray(indices, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"indices out of range 0..{len(self) - 1}")
+        views = choose_augs(self.seed, self.epoch, rows, self.cache.num_views)
+        params = np.ascontiguousarray(self.cache.view_params(rows, views), dtype=np.float32)
+        x = batched_views(self.source, self.policy, self.rows[rows], params)
+        if self.policy.params.get("size") is None and x.dtype == torch.float32:
+            x = x.mul_(255.0).round_().to(torch.uint8)
+        t = torch.from_numpy(self.cache.logits_numpy(rows, views))
+        labels = self.labels[torch.from_numpy(rows)]
+        v = torch.from_numpy(views)
+        return [
+            {"input": x[j], "label": labels[j], "teacher_logits": t[j], "row": int(rows[j]),
+             "view": v[j]}
+            for j in range(len(rows))
+        ]  # fmt: skip
+
     def collate(self, items: list[dict]) -> dict[str, Any]:
         """Batch items; text inputs are padded to the longest (as distill's batches are)."""
         if self.collate_text is None:

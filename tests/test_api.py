@@ -198,3 +198,13 @@ def test_api_options_are_the_clis(tmp_path, cache_path):
     assert rec["samples"] == N and "test_acc" in rec
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert "epochs: 1" in text and "momentum: 0.9" in text  # the CLI's defaults, resolved
+
+
+def test_getitems_equals_getitem(cache_path):
+    ds = kdcache.CachedDataset(cache_path, seed=1)
+    ds.set_epoch(3)
+    idx = [5, 0, 31, 9]
+    for a, b in zip(ds.__getitems__(idx), [ds[i] for i in idx], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k

@@ -1,0 +1,118 @@
+"""`kdcache.CachedDataset` in a plain DataLoader vs `kdcache distill`'s own loader (BatchMaker
++ epoch_batches) on the same cache: samples/s of a warm epoch, views "one". Prints a table.
+
+python bench/api.py [--n 1024] [--workers 2] [--batch-size 64] [--epochs 3]
+
+Two sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the eval view) and
+in-RAM 32x32 images (cifar100 layout, crop-flip). Goal: CachedDataset >= 0.95x distill's.
+Runs alternate (api, distill, api, distill, ...) and the best warm epoch of each counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _data(work: Path, n: int) -> dict[str, tuple[str, str]]:
+    from bench.common import write_cifar100
+    from tests.datatools import jpeg_bytes, sizes
+
+    jpegs = work / "jpegs"
+    for i, (w, h) in enumerate(sizes(n, seed=1)):
+        d = jpegs / "train" / f"c{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:06d}.jpg").write_bytes(jpeg_bytes(w, h, i))
+    write_cifar100(work / "cifar", n)
+    return {
+        "jpeg-folder": ("imagefolder", str(jpegs)),
+        "in-ram-32px": ("cifar100", str(work / "cifar")),
+    }
+
+
+def _cache(work: Path, name: str, dataset: str, root: str, workers: int) -> str:
+    import kdcache
+
+    return kdcache.precompute(
+        teacher="resnet8", random_init=0, dataset=dataset, data_root=root, num_augs=4,
+        out=str(work / f"{name}.zarr"), device="cpu", workers=workers, batch_size=128,
+    )  # fmt: skip
+
+
+def _api_epochs(path: str, workers: int, bs: int, epochs: int) -> list[float]:
+    import kdcache
+    import torch
+
+    ds = kdcache.CachedDataset(path, views="one")
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=False,
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )  # fmt: skip
+    rates = []
+    for e in range(epochs):
+        ds.set_epoch(e)
+        t0, n = time.perf_counter(), 0
+        for b in dl:
+            n += len(b["label"])
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def _distill_epochs(path: str, dataset: str, root: str, workers: int, bs: int, epochs: int):
+    from kdcache.data.datasets import load_dataset
+    from kdcache.data.views import get_policy
+    from kdcache.distill.batches import BatchMaker, epoch_batches
+    from kdcache.distill.teachers import CachedTeacher, open_caches
+
+    ds = load_dataset(dataset, root=root, split="train")
+    caches = open_caches([path], ds, caches_classes(path), None)
+    teacher = CachedTeacher(caches, "same", "mean-logits", 4 << 30)
+    spec = caches[0].spec
+    policy = get_policy(spec.views["policy"], **(spec.views.get("params") or {}))
+    make = BatchMaker(ds, policy, teacher, seed=0, workers=workers)
+    rates = []
+    for e in range(epochs):
+        t0, n = time.perf_counter(), 0
+        for b in epoch_batches(make, len(ds), bs, 0, e, "one", depth=2):
+            n += len(b["labels"])
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def caches_classes(path: str) -> int:
+    import kdcache
+
+    return kdcache.open_cache(path).num_classes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print(f"{'source':<12} {'api/s':>9} {'distill/s':>10} {'api/distill':>12}")
+        for name, (dataset, root) in _data(work, args.n).items():
+            path = _cache(work, name, dataset, root, args.workers)
+            api, dist = [], []
+            for _ in range(args.rounds):  # alternate; warm epochs (after the first) count
+                api += _api_epochs(path, args.workers, args.batch_size, args.epochs)[1:]
+                dist += _distill_epochs(
+                    path, dataset, root, args.workers, args.batch_size, args.epochs
+                )[1:]
+            a, d = max(api), max(dist)
+            print(f"{name:<12} {a:>9.0f} {d:>10.0f} {a / d:>12.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
