@@ -52,7 +52,7 @@ def _api_epochs(path: str, workers: int, bs: int, epochs: int) -> list[float]:
     ds = kdcache.CachedDataset(path, views="one")
     dl = torch.utils.data.DataLoader(
         ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=False,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
     )  # fmt: skip
     rates = []
     for e in range(epochs):

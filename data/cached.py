@@ -67,8 +67,8 @@ class CachedDataset(torch.utils.data.Dataset):
     "one" (len N; one cached view per row per epoch, chosen by (seed, epoch, row)), "all"
     (len N*A; item i is row i // A, view i % A) or K (len N; K views of one decoded row,
     inputs stacked (K, ...), as `distill --views K`). Call `set_epoch(e)` before each epoch
-    (like DistributedSampler); with `persistent_workers=True` the workers keep the epoch
-    they started with, so use non-persistent workers or a new DataLoader per epoch.
+    (like DistributedSampler), before iterating the DataLoader: the epoch is in shared
+    memory, so persistent workers replay the new epoch's views too.
     Data that does not match the cache's fingerprint is refused as `distill` refuses it.
     Teacher logits are read into RAM (checksum-verified) when they fit `memory_budget_gb`,
     else chunk by chunk: then use `ChunkSampler` so reads stay chunk-local."""
@@ -89,7 +89,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
         if not isinstance(cache, TeacherCache):
             cache = open_cache(cache, storage_options)
-        self.cache, self.seed, self.epoch = cache, int(seed), 0
+        self.cache, self.seed = cache, int(seed)
+        # shared with DataLoader workers (also persistent ones): set_epoch reaches them
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         spec = cache.spec
         self.k = _views_mode(views, cache.num_views)
         self.views = views
@@ -113,9 +115,14 @@ class CachedDataset(torch.utils.data.Dataset):
         n = len(self.cache)
         return n * self.cache.num_views if self.k == 0 else n
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """The epoch whose views "one" / K items replay (like DistributedSampler.set_epoch)."""
-        self.epoch = int(epoch)
+        """The epoch whose views "one" / K items replay (like DistributedSampler.set_epoch);
+        the value lives in shared memory, so persistent DataLoader workers see it too."""
+        self._epoch.fill_(int(epoch))
 
     def row_views(self, index: int) -> tuple[int, np.ndarray]:
         """(row, views) of item `index` this epoch."""

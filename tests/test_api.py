@@ -116,9 +116,13 @@ def test_cached_dataset_views_epochs_and_workers(cache_path):
     ds.set_epoch(2)
     want = choose_augs(3, 2, np.arange(N), 3)
     assert [int(ds[i]["view"]) for i in range(N)] == want.tolist()
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True)
     batches = list(loader)
     assert torch.equal(torch.cat([b["view"] for b in batches]), torch.from_numpy(want))
+    ds.set_epoch(5)  # reaches the persistent workers
+    seen = torch.cat([b["view"] for b in loader])
+    assert torch.equal(seen, torch.from_numpy(choose_augs(3, 5, np.arange(N), 3)))
+    ds.set_epoch(2)
     first = [ds[i]["input"] for i in range(8)]
     assert torch.equal(batches[0]["input"], torch.stack(first))
     k = kdcache.CachedDataset(cache_path, views=2)[4]
