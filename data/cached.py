@@ -169,9 +169,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A batch of items read together (what DataLoader calls with batch_size): one
-        gather of logits and params, and for in-RAM images one batched replay; the items
+        gather of logits, params and views, and for in-RAM images one batched replay; items
         are equal to `[self[i] for i in indices]`."""
-        if not self.batched or self.k != 1 or getattr(self.policy, "mixes", False):
+        if self.k != 1 or getattr(self.policy, "mixes", False) or self.collate_text is not None:
             return [self[i] for i in indices]
         from kdcache.data.loader import batched_views
 
@@ -180,9 +180,13 @@ class CachedDataset(torch.utils.data.Dataset):
             raise IndexError(f"indices out of range 0..{len(self) - 1}")
         views = choose_augs(self.seed, self.epoch, rows, self.cache.num_views)
         params = np.ascontiguousarray(self.cache.view_params(rows, views), dtype=np.float32)
-        x = batched_views(self.source, self.policy, self.rows[rows], params)
-        if self.policy.params.get("size") is None and x.dtype == torch.float32:
-            x = x.mul_(255.0).round_().to(torch.uint8)
+        if self.batched:
+            x = batched_views(self.source, self.policy, self.rows[rows], params)
+            if self.policy.params.get("size") is None and x.dtype == torch.float32:
+                x = x.mul_(255.0).round_().to(torch.uint8)
+        else:  # decoded per row, as distill's workers do
+            x = [self.maker.replay(int(self.rows[r]), params[j : j + 1])[0][0]
+                 for j, r in enumerate(rows)]  # fmt: skip
         t = torch.from_numpy(self.cache.logits_numpy(rows, views))
         labels = self.labels[torch.from_numpy(rows)]
         v = torch.from_numpy(views)

@@ -212,3 +212,27 @@ def test_getitems_equals_getitem(cache_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+
+
+def test_imagefolder_items_are_the_teachers_views(tmp_path, make_imagefolder):
+    from kdcache.data.datasets import load_dataset
+
+    root = make_imagefolder(n_per_class=4)
+    p = kdcache.precompute(
+        teacher="resnet8", random_init=0, dataset="imagefolder", data_root=str(root),
+        num_augs=2, num_classes=2, out=str(tmp_path / "f.zarr"), device="cpu",
+    )  # fmt: skip
+    ds = kdcache.CachedDataset(p, seed=2)
+    assert len(ds) == 8
+    idx = [3, 0, 7]
+    for a, b in zip(ds.__getitems__(idx), [ds[i] for i in idx], strict=True):
+        assert torch.equal(a["input"], b["input"]) and torch.equal(a["view"], b["view"])
+        assert a["input"].dtype == torch.uint8 and a["input"].shape == (3, 32, 32)
+    all_views = kdcache.CachedDataset(p, views="all")
+    src = load_dataset("imagefolder", root=str(root), split="train")
+    policy = ds.policy
+    for row in range(8):  # view 0 is the eval transform of the file
+        want = policy.view(src.load(int(ds.rows[row])), policy.identity_params())
+        item = all_views[row * 2]
+        assert torch.equal(item["input"], want)
+        assert torch.equal(item["teacher_logits"], ds.cache.logits(row, 0))
