@@ -31,7 +31,14 @@ class TeacherCache:
     under `spec.dataset.order` rows are a permutation of the dataset), views are the A cached
     views per row (view 0 is the eval view when the cache has an identity view)."""
 
-    def __init__(self, members: list[Cache], path: str, names: list[str], ensemble: str) -> None:
+    def __init__(
+        self,
+        members: list[Cache],
+        path: str,
+        names: list[str],
+        ensemble: str,
+        storage_options: dict | None = None,
+    ) -> None:
         if ensemble not in ENSEMBLES:
             raise KdcacheError(f"unknown ensemble {ensemble!r}; expected {' or '.join(ENSEMBLES)}")
         self._members, self.path, self.members = members, path, names
@@ -47,6 +54,7 @@ class TeacherCache:
         self._chunks: list[collections.OrderedDict] = [collections.OrderedDict() for _ in members]
         self._labels: np.ndarray | None = None
         self._keys: list[str] | None = None
+        self._so = storage_options
 
     # --- what the cache is ---
     def __len__(self) -> int:
@@ -69,7 +77,6 @@ class TeacherCache:
         state = dict(self.__dict__)
         state["_members"] = None
         state["_chunks"] = [collections.OrderedDict() for _ in self.members]
-        state["_so"] = getattr(self, "_so", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -225,7 +232,7 @@ class TeacherCache:
         """Every problem `kdcache cache verify` finds (empty list: sound). Reads every chunk."""
         from kdcache.cache.verify import verify
 
-        return verify(self.path, storage_options=getattr(self, "_so", None))
+        return verify(self.path, storage_options=self._so)
 
     def close(self) -> None:
         for c in self._members or ():
@@ -256,10 +263,9 @@ def open_cache(
         for c in members:
             c.require_complete()
         names = list(meta.get("members") or [path])
-        tc = TeacherCache(members, path, names, ensemble)
+        tc = TeacherCache(members, path, names, ensemble, so)
     except BaseException:
         for c in members:
             c.close()
         raise
-    tc._so = so
     return tc

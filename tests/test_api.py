@@ -236,3 +236,28 @@ def test_imagefolder_items_are_the_teachers_views(tmp_path, make_imagefolder):
         item = all_views[row * 2]
         assert torch.equal(item["input"], want)
         assert torch.equal(item["teacher_logits"], ds.cache.logits(row, 0))
+
+
+def test_sparse_and_bf16_caches_read_full_width(tmp_path):
+    from kdcache.cache.store import open_cache as reader
+
+    common = dict(teacher="resnet8", random_init=0, dataset="digits", max_samples=16,
+                  num_augs=2, device="cpu")  # fmt: skip
+    for name, extra in (("topk", {"topk": 3}), ("bf16", {"dtype": "bfloat16"})):
+        p = kdcache.precompute(**common, **extra, out=str(tmp_path / f"{name}.zarr"))
+        c = kdcache.open_cache(p)
+        got = c.logits([0, 15], [1, 0])
+        assert got.dtype == torch.float32 and got.shape == (2, 10)
+        want = reader(p).read(np.array([0, 15]), np.array([1, 0]))
+        assert torch.equal(got, torch.from_numpy(want)), name
+
+
+def test_distributed_sampler_splits_the_items(cache_path):
+    ds = kdcache.CachedDataset(cache_path)
+    shards = [
+        list(torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False))
+        for r in (0, 1)
+    ]
+    assert sorted(shards[0] + shards[1]) == list(range(N))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, sampler=shards[1])))
+    assert batch["row"].tolist() == shards[1][:4]
