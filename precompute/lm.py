@@ -77,7 +77,7 @@ def build(cfg: PrecomputeConfig):
     from kdcache.models.lm import load_causal_lm
 
     mode, k = _mode(cfg)
-    net, tok, info = load_causal_lm(cfg.teacher)
+    net, tok, info = load_causal_lm(cfg.teacher, cfg.max_length)
     max_length = _max_length(cfg, info)
     if cfg.dtype not in ("float16", "bfloat16", "float32"):
         raise KdcacheError(f"--dtype {cfg.dtype}; expected float16 or bfloat16")
@@ -185,7 +185,13 @@ def _reduce_kl(rt, kl: list[float]) -> list[float]:
 
 
 def _compute(cfg, rt, net, spec, corpus, writer) -> list[float]:
-    todo = [c for c in writer.todo_chunks() if c % rt.world_size == rt.rank]
+    from kdcache.precompute.config import parse_shard
+
+    index, count = parse_shard(cfg.shard)  # --shard I/N: chunks c % N == I, dealt to ranks
+    if index >= writer.n_chunks:
+        raise KdcacheError(f"--shard {cfg.shard}: the cache has only {writer.n_chunks} chunks")
+    todo = [c for c in writer.todo_chunks()
+            if c % count == index and (c // count) % rt.world_size == rt.rank]  # fmt: skip
     net.to(rt.device)
     amp = cfg.amp and rt.device.type == "cuda"
     kl = [0.0, 0.0]
