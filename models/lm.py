@@ -14,9 +14,10 @@ def _local(path: str) -> str:
     local = os.path.expanduser(path)
     if path.startswith(("/", "./", "../", "~")) or os.path.exists(local):
         if not os.path.isdir(local):
+            what = "is not a directory" if os.path.exists(local) else "does not exist"
             raise KdcacheError(
-                f"hf:{path}: {local!r} is not a directory; expected a directory saved with "
-                "save_pretrained (config.json, weights, tokenizer) or a hub id"
+                f"hf:{path}: the directory {local!r} {what}; expected a local directory saved "
+                "with save_pretrained (config.json, weights, tokenizer) or a hub id"
             )
         return local
     return path
