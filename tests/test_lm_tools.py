@@ -152,3 +152,17 @@ def test_chat_rows_mask_assistant_tokens_hdf5(tiny_lm_dir, tmp_path):
         assert "the cat sat" not in tok.decode(ids[m].tolist())
         assert c.loss_mask(1).all()
         assert c.verify()["ok"] and os.path.getsize(out) > 0
+
+
+def test_hfds_text_column_bf16(tiny_lm_dir, tmp_path):
+    import datasets
+
+    rows = {"text": ["the cat sat on the mat.", "a dog ran in the park."], "id": ["a", "b"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    out16, out_bf = tmp_path / "h16.zarr", tmp_path / "hbf.zarr"
+    for out, dt in ((out16, "float16"), (out_bf, "bfloat16")):
+        cli("precompute", "--teacher", f"hf:{tiny_lm_dir}", "--dataset", f"hfds:{tmp_path / 'ds'}",
+            "--max-length", 32, "--topk", 4, "--dtype", dt, "--out", out)  # fmt: skip
+    with open_token_cache(str(out16)) as a, open_token_cache(str(out_bf)) as b:
+        assert a.keys == ["a#0", "b#0"] and a.key != b.key and b.dtype == "bfloat16"
+        np.testing.assert_allclose(a.tokens(1)[2], b.tokens(1)[2], atol=0.1, rtol=1e-2)
