@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from kdcache.cache.errors import KdcacheError
-from kdcache.cache.tokens import TokenCache, TokenWriter, open_token_cache
-from kdcache.cache.tokenstore import create_token_cache
+from kdcache.cache.tokens import TokenCache, open_token_cache
+from kdcache.cache.tokenwriter import TokenWriter, create_token_cache
 
 log = logging.getLogger(__name__)
 

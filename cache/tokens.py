@@ -10,12 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from kdcache.cache import lock as lockmod
-from kdcache.cache import space
 from kdcache.cache.backends import Backend, open_backend
 from kdcache.cache.dtypes import decode
 from kdcache.cache.errors import CacheCorruptError, KdcacheError
@@ -208,6 +205,19 @@ class TokenCache:
         pieces.sort(key=lambda p: p[0])
         return {n: np.concatenate([d[n] for _j, d in pieces]) for n in names}
 
+    def read_chunk(self, c: int, verify: bool = True) -> dict[str, Any]:
+        """Every row of chunk c decoded at once (the fast path of chunk-aware loaders), its
+        sha256 checked first: {"rows": (lo, hi), "lengths", "input_ids", "ids", "values",
+        "tail" (None for sampled), "loss_mask"}; token arrays concatenated in row order."""
+        lo, hi = self.chunk_rows(c)
+        lengths = self._lengths[lo:hi].copy()
+        n = int(lengths.sum())
+        raw = {k: v[:n] for k, v in self.read_chunk_stored(c, verify=verify).items()}
+        input_ids, ids, values, tail = self._decode(raw)
+        mask = raw["loss_mask"].astype(bool)
+        return {"rows": (lo, hi), "lengths": lengths, "input_ids": input_ids, "ids": ids,
+                "values": values, "tail": tail, "loss_mask": mask}  # fmt: skip
+
     # -- integrity ------------------------------------------------------------------------
     def read_chunk_stored(self, c: int, verify: bool = False) -> dict[str, np.ndarray]:
         """The stored (padded) arrays of chunk c; verify=True checks its sha256."""
@@ -280,83 +290,3 @@ class TokenCache:
             self._tokdir.cleanup()
             self._tokdir = None
         self._b.close()
-
-
-class TokenWriter(TokenCache):
-    """A token cache opened for writing chunks (holding the writer lock unless a joiner)."""
-
-    def __init__(self, backend: Backend, lock: lockmod.WriterLock | None) -> None:
-        super().__init__(backend)
-        self.lock = lock
-
-    def todo_chunks(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        done = self.done()
-        return [c for c in range(self.n_chunks) if not done[c] and c % world_size == rank]
-
-    def write_chunk(self, c: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write chunk c's per-token arrays (unpadded, stored dtypes) padded to its token
-        range, in the crash-safe order: arrays, checksum, done flag."""
-        if self.attrs.get("complete"):
-            raise KdcacheError(f"cache {self.path} is finalized; refusing to write chunk {c}")
-        if set(arrays) != set(self.names):
-            raise KdcacheError(
-                f"chunk {c} has arrays {sorted(arrays)}; expected {sorted(self.names)}"
-            )
-        lo, hi = self.chunk_rows(c)
-        t0, t1 = int(self.chunk_bounds[c]), int(self.chunk_bounds[c + 1])
-        want = int(self._lengths[lo:hi].sum())
-        padded = {}
-        for n, (s, dt) in token_arrays(self.spec).items():
-            a = np.asarray(arrays[n])
-            if a.shape != (want,) + s or a.dtype != np.dtype(dt):
-                raise KdcacheError(
-                    f"chunk {c} array {n} is {a.shape} {a.dtype}; expected {(want,) + s} "
-                    f"{np.dtype(dt)}"
-                )
-            p = np.zeros((t1 - t0,) + s, dt)
-            p[:want] = a
-            padded[n] = p
-        digest = chunk_digest(*(padded[n] for n in self.names))
-        need = sum(p.nbytes for p in padded.values())
-        space.require_space(self.path, need, f"chunk {c}", "every finished chunk is kept")
-        if bool(np.asarray(self._b.read("done", c, c + 1))[0]):
-            self._b.write("done", c, np.zeros(1, np.uint8))
-            self._b.flush()
-        for n in self.names:
-            self._b.write(n, t0, padded[n])
-        self._b.write("checksums", c, np.frombuffer(digest, np.uint8)[None, :])
-        self._b.flush()
-        self._b.write("done", c, np.ones(1, np.uint8))
-        self._b.flush()
-
-    def write_chunk_stored(self, c: int, padded: dict[str, np.ndarray]) -> None:
-        """Write a chunk read with read_chunk_stored (copies, merges): same checks, digest,
-        crash-safe order."""
-        want = int(self._lengths[slice(*self.chunk_rows(c))].sum())
-        self.write_chunk(c, {n: np.asarray(a)[:want] for n, a in padded.items()})
-
-    def finalize(self, extra: dict | None = None) -> None:
-        """All chunks done: checksums + complete into attrs (written last), release the lock."""
-        meta = check_meta(self._b.get_meta(), self.path)
-        if not meta.get("complete"):
-            miss = np.flatnonzero(~np.asarray(self._b.read("done")).astype(bool))
-            if len(miss):
-                raise KdcacheError(
-                    f"cannot finalize {self.path}: {len(miss)} of {self.n_chunks} chunks not "
-                    f"done {_first(miss)}"
-                )
-            sums = np.asarray(self._b.read("checksums"), np.uint8)
-            meta["checksums"] = [bytes(r).hex() for r in sums]
-            meta.update(extra or {})
-            meta["complete"] = True
-            meta["finalized_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            self._b.set_meta(meta)
-            self._b.flush()
-            self.attrs = meta
-        self.close()
-
-    def close(self) -> None:
-        super().close()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None

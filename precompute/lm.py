@@ -113,7 +113,8 @@ def run_lm(cfg: PrecomputeConfig) -> dict:
 
 def _run(cfg: PrecomputeConfig, rt) -> dict:
     from kdcache.cache.backends import backend_class, exists, infer_backend
-    from kdcache.cache.tokenstore import create_token_cache, token_key
+    from kdcache.cache.tokenstore import token_key
+    from kdcache.cache.tokenwriter import create_token_cache
 
     t0 = time.perf_counter()
     net, files, spec, corpus, info = build(cfg)

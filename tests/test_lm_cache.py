@@ -54,6 +54,10 @@ def test_topk_cache_matches_teacher(tiny_lm_dir, lm_corpus, tmp_path):
         assert lengths.tolist() == [c.num_tokens(3), c.num_tokens(0)]
         np.testing.assert_array_equal(inp[: lengths[0]], c.tokens(3)[0])
         assert c.verify()["ok"]
+        ch = c.read_chunk(1)
+        lo, hi = ch["rows"]
+        np.testing.assert_array_equal(ch["ids"], c.batch(range(lo, hi))[1])
+        np.testing.assert_array_equal(ch["loss_mask"], c.batch_mask(range(lo, hi)))
         kl = c.attrs["kl_sample"]
         assert kl["tokens"] > 0 and kl["mean_kl"] >= 0
 

@@ -33,7 +33,7 @@ def _same(a, b) -> None:
 
 KILLER = """
 import os, signal, sys
-from kdcache.cache import tokens
+from kdcache.cache import tokenwriter as tokens
 orig = tokens.TokenWriter.write_chunk
 state = {"n": 0}
 def write_chunk(self, c, arrays):
