@@ -178,7 +178,8 @@ def main() -> None:
             r1 = rss_child(teacher, small, d / "r1.zarr", args)
             r16 = rss_child(teacher, big, d / "r16.zarr", args)
             print(
-                f"peak RSS ({args.rss_rows} vs {16 * args.rss_rows} rows)  1x {r1 / 2**20:.0f} MiB  16x {r16 / 2**20:.0f} MiB  "
+                f"peak RSS ({args.rss_rows} vs {16 * args.rss_rows} rows)  "
+                f"1x {r1 / 2**20:.0f} MiB  16x {r16 / 2**20:.0f} MiB  "
                 f"ratio {r16 / r1:.3f} (goal <= 1.10: {'met' if r16 <= 1.1 * r1 else 'NOT met'})"
             )
 
