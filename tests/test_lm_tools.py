@@ -166,3 +166,14 @@ def test_hfds_text_column_bf16(tiny_lm_dir, tmp_path):
     with open_token_cache(str(out16)) as a, open_token_cache(str(out_bf)) as b:
         assert a.keys == ["a#0", "b#0"] and a.key != b.key and b.dtype == "bfloat16"
         np.testing.assert_allclose(a.tokens(1)[2], b.tokens(1)[2], atol=0.1, rtol=1e-2)
+
+
+def test_torchrun_two_ranks_same_bytes(tiny_lm_dir, lm_corpus, tmp_path):
+    from tests.clitools import torchrun
+
+    ref, out = tmp_path / "ref.zarr", tmp_path / "tr.zarr"
+    _pre(tiny_lm_dir, lm_corpus, ref, "--sampled", 8)
+    p = torchrun(2, "precompute", "--teacher", f"hf:{tiny_lm_dir}", "--data-root", lm_corpus,
+                 *ARGS, "--out", out, "--sampled", 8, "--device", "cpu")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    _same(ref, out)
