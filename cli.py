@@ -156,6 +156,19 @@ def main(verbose: bool) -> None:
     "--sampled", default=None, type=int, help="Store K sampled class draws per entry (RS-KD)."
 )
 @click.option(
+    "--top-p", default=None, type=click.FloatRange(0, 1, min_open=True),
+    help="Token caches: drop top-k entries past the nucleus P (into the tail).",
+)  # fmt: skip
+@click.option(
+    "--kl-sample", default=0, type=click.IntRange(0),
+    help="Token caches: record the mean KL of the stored targets to the dense teacher over "
+    "the first N samples (cache info shows it).",
+)  # fmt: skip
+@click.option(
+    "--token-cache", is_flag=True,
+    help="Write a token-level cache (implied by an hf: causal-LM teacher; refused otherwise).",
+)  # fmt: skip
+@click.option(
     "--shard", default=None, metavar="I/N", callback=shard_option,
     help="Compute only chunks c % N == I: a partial cache (same key) for `cache merge`.",
 )  # fmt: skip

@@ -57,6 +57,11 @@ class Cache:
                     f"{self.path} is a multi-teacher store (members {meta.get('members')}); "
                     f"open a member as {self.path}/<member>"
                 )
+            if meta.get("kind") == "tokens":
+                raise KdcacheError(
+                    f"{self.path} is a token-level (causal-LM) cache; read it with "
+                    "kdcache.cache.tokens.open_token_cache"
+                )
             if meta.get("format_version") != FORMAT_VERSION:
                 raise KdcacheError(
                     f"cache {self.path} has format_version {meta.get('format_version')!r}; "

@@ -14,10 +14,12 @@ from typing import Any
 from kdcache.cache.errors import AttrsError, KdcacheError
 
 MULTI = "multi-teacher"
+TOKENS = "tokens"  # a token-level cache of a causal-LM teacher (cache/tokens.py)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # a member of a multi-teacher store, a tokenizer file name: one plain path component
 _PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _COUNTS = ("n", "num_augs", "num_classes", "n_chunks")
+_TOKEN_COUNTS = ("n", "n_tokens", "n_chunks")
 # view-policy params whose type is known (data/views.py); others are the policy's to check
 _INT_PARAMS = ("pad", "pad_id", "mask_id")
 _PAIR_PARAMS = ("scale", "ratio")
@@ -71,8 +73,8 @@ def check_meta(meta: Any, path: str) -> dict:
     if not isinstance(meta, dict):
         raise AttrsError(f"{path}: attrs 'kdcache' is {type(meta).__name__}; expected an object")
     kind = meta.get("kind")
-    if kind is not None and kind != MULTI:
-        raise _bad(path, "kind", kind, f"absent or {MULTI!r}")
+    if kind is not None and kind not in (MULTI, TOKENS):
+        raise _bad(path, "kind", kind, f"absent, {MULTI!r} or {TOKENS!r}")
     fv = meta.get("format_version")
     if not _is_int(fv):
         raise _bad(path, "format_version", fv, "an integer")
@@ -95,12 +97,14 @@ def check_meta(meta: Any, path: str) -> dict:
     if meta["complete"] and sums is None:
         raise _bad(path, "checksums", sums, "a list of sha256 hex strings (the cache is complete)")
     counts = meta.get("counts")
+    want_counts = _TOKEN_COUNTS if kind == TOKENS else _COUNTS
     if counts is not None:
-        if not isinstance(counts, dict) or not all(_is_int(counts.get(k)) for k in _COUNTS):
-            raise _bad(path, "counts", counts, f"an object of integers {list(_COUNTS)}")
+        if not isinstance(counts, dict) or not all(_is_int(counts.get(k)) for k in want_counts):
+            raise _bad(path, "counts", counts, f"an object of integers {list(want_counts)}")
     _optional(meta, path, "provenance", (dict,), "an object")
     _optional(meta, path, "finalized_at", (str,), "a timestamp string")
     _optional(meta, path, "sparse_kl", (dict,), "an object")
+    _optional(meta, path, "kl_sample", (dict,), "an object")
     _optional(meta, path, "tokenizer", (dict,), "an object")
     tok = meta.get("tokenizer")
     if tok is not None:
@@ -113,7 +117,8 @@ def check_meta(meta: Any, path: str) -> dict:
             raise _bad(path, "tokenizer.files", files, "a list of file names")
         for f in files:
             plain_name(f, f"{path}: tokenizer file")
-    _check_view_params(meta["spec"], path)
+    if kind != TOKENS:
+        _check_view_params(meta["spec"], path)
     return meta
 
 

@@ -45,7 +45,12 @@ def open_cache(
     holding the lock."""
     path = os.fspath(path)
     if mode == "r":
-        return Cache(open_backend(path, False, storage_options))
+        backend = open_backend(path, False, storage_options)
+        if _kind(backend) == "tokens":  # a causal-LM cache: the token reader (cache/tokens.py)
+            from kdcache.cache.tokens import TokenCache
+
+            return TokenCache(backend)
+        return Cache(backend)
     if mode not in ("a", "r+"):
         raise KdcacheError(f"unknown open mode {mode!r}; expected 'r' or 'a'")
     open_backend(path, False, storage_options).close()  # fail on non-caches before locking
@@ -55,6 +60,14 @@ def open_cache(
     except BaseException:
         wlock.release()
         raise
+
+
+def _kind(backend) -> str | None:
+    try:
+        meta = backend.get_meta()
+    except KdcacheError:
+        return None
+    return meta.get("kind") if isinstance(meta, dict) else None
 
 
 def open_members(path: str, storage_options: dict | None = None, check: bool = True) -> list[Cache]:

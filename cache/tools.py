@@ -74,6 +74,11 @@ def info(path: str, storage_options: dict | None = None) -> dict[str, Any]:
                 members.append({"member": m, **_cache_info(c)})
         return {"path": path, "kind": MULTI, "complete": bool(meta.get("complete")),
                 "members": members}  # fmt: skip
+    if meta.get("kind") == "tokens":
+        from kdcache.cache.tokentools import token_info
+
+        with open_cache(path, storage_options=storage_options) as cache:
+            return token_info(cache)
     with open_cache(path, storage_options=storage_options) as cache:
         return {"kind": "cache", **_cache_info(cache)}
 
@@ -107,6 +112,10 @@ def _strong_row(st: dict | None) -> list[tuple[str, str]]:
 
 def format_info(d: dict[str, Any]) -> str:
     """Multi-line summary of `info(path)` for humans."""
+    if d.get("kind") == "tokens":
+        from kdcache.cache.tokentools import format_token_info
+
+        return format_token_info(d)
     if d.get("kind") == MULTI:
         head = f"multi-teacher store {d['path']}: {len(d['members'])} teachers, " + (
             "complete" if d["complete"] else "INCOMPLETE"
@@ -224,7 +233,12 @@ def ls(url: str, storage_options: dict | None = None, max_depth: int = 6) -> lis
                         rows.append({**_row(c, f"member of {path}"), "store": path})
                 continue
             with open_cache(path, storage_options=storage_options) as c:
-                rows.append(_row(c, "cache"))
+                if meta.get("kind") == "tokens":
+                    from kdcache.cache.tokentools import token_ls_row
+
+                    rows.append(token_ls_row(c))
+                else:
+                    rows.append(_row(c, "cache"))
         except KdcacheError as e:
             log.info("ls: skipping %s (%s)", path, e)
     return rows

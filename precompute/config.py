@@ -70,6 +70,9 @@ class PrecomputeConfig:
     label_column: str | None = None
     topk: int | None = None
     sampled: int | None = None
+    top_p: float | None = None  # token caches: keep the top-k entries inside the nucleus P
+    kl_sample: int = 0  # token caches: record mean KL(stored || dense) over the first N samples
+    token_cache: bool = False  # demand a token cache (the teacher must be a causal LM)
     shard: str | None = None  # "I/N": only chunks c % N == I (a partial cache); not keyed
     storage_options: dict = field(default_factory=dict)
     command: str | None = None

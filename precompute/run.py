@@ -83,6 +83,17 @@ def _tokenizer_files(setup: Setup) -> dict | None:
 
 def run(cfg: PrecomputeConfig) -> dict:
     """Run stage 1 end to end and return a summary (path, key, shape, bytes, seconds)."""
+    from kdcache.models.lm import is_causal_lm
+
+    if cfg.token_cache or cfg.top_p is not None or is_causal_lm(cfg.teacher):
+        if not is_causal_lm(cfg.teacher):
+            raise KdcacheError(
+                f"teacher {cfg.teacher!r} is not a causal language model; a token cache "
+                "(--token-cache, --top-p) needs an hf: AutoModelForCausalLM teacher"
+            )
+        from kdcache.precompute.lm import run_lm
+
+        return run_lm(cfg)
     rt = init_runtime(cfg.device)
     try:
         return _run(cfg, rt)
@@ -203,6 +214,19 @@ def summarize(path: str, setup: Setup, seconds: float, computed: int, storage_op
 
 def format_summary(s: dict) -> str:
     """Human-readable summary line block for the CLI."""
+    if s.get("kind") == "tokens":
+        kl = s.get("kl_sample")
+        return (
+            f"cache     {s['path']}\nkey       {s['key']}\n"
+            f"tokens    {s['tokens']} in {s['samples']} samples\nbytes     {s['bytes']}\n"
+            f"complete  {s['complete']}\n"
+            f"time      {s['seconds']} s ({s['tokens_per_s']} tokens/s)"
+            + (
+                f"\nKL        {kl['mean_kl']:.4g} ({kl['direction']}, {kl['tokens']} tokens)"
+                if kl
+                else ""
+            )
+        )
     n, a, c = s["shape"]
     shard = ""
     if s.get("shard") and not s["complete"]:

@@ -239,3 +239,19 @@ def tiny_bert_dir(tmp_path_factory, tiny_texts) -> Path:
     )
     BertForSequenceClassification(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 LM + locally trained BPE tokenizer (tests/lmtools.py), hf:DIR loads it."""
+    from tests.lmtools import make_teacher
+
+    return make_teacher(tmp_path_factory.mktemp("tiny_lm") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def lm_corpus(tmp_path_factory) -> Path:
+    """A JSONL corpus of 40 rows `{"id", "text"}` (short and long docs)."""
+    from tests.lmtools import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("lm_corpus") / "corpus.jsonl", 40)
