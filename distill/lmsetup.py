@@ -1,167 +1,158 @@
-"""What a language-model distill run needs before training: is this an LM run, the student
-(``hf:`` directory with weights, or with a config only: random init), its tokenizer checked
-against the cache's, the token cache, the held-out windows."""
+"""Resolve a language-model distill run: the token cache, the student, the shared tokenizer,
+training and held-out rows, the loss. Everything is checked here, before a file is written."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from kdcache.cache.errors import KdcacheError
+from kdcache.distill.config import DistillConfig
 
 log = logging.getLogger(__name__)
 
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-            "pytorch_model.bin.index.json")  # fmt: skip
-_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+@dataclass
+class LMRun:
+    model: object
+    info: dict
+    tokenizer: object
+    cache: object | None
+    train: object  # CacheRows | CorpusRows
+    test: object | None  # CorpusRows
+    loss_fn: object
+    max_length: int
 
 
-def _hf_dir(student: str) -> Path | None:
-    if not student.startswith("hf:"):
-        return None
-    p = Path(student[3:])
-    return p if (p / "config.json").is_file() else None
+def is_lm_run(cfg: DistillConfig) -> bool:
+    """A token cache, or no cache and a causal-LM student (plain LM training)."""
+    if cfg.caches:
+        from kdcache.cache.tokens import is_token_cache
+
+        return is_token_cache(cfg.caches[0], cfg.storage_options or None)
+    from kdcache.models.lmstudent import is_causal_lm
+
+    return is_causal_lm(cfg.student)
 
 
-def is_causal_lm_dir(student: str) -> bool:
-    """An `hf:` directory whose config names a causal-LM head (GPT-2, Llama, Qwen, ...)."""
-    d = _hf_dir(student)
-    if d is None:
-        return False
+def _loss(cfg: DistillConfig):
+    from kdcache.distill.lmloss import get_lm_loss, lm_loss_needs_teacher
+
     try:
-        cfg = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    archs = cfg.get("architectures") or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        return get_lm_loss(cfg.loss, **cfg.hparams), lm_loss_needs_teacher(cfg.loss)
+    except ValueError as e:
+        raise KdcacheError(str(e)) from None
 
 
-def token_cache_of(path: str, storage_options: dict | None = None):
-    """The opened token cache at `path`, or None when it is not one (or lmstore is absent)."""
-    try:
-        from kdcache.cache.tokens import is_token_cache, open_token_cache
-    except ImportError:
-        return None
-    if not is_token_cache(path, storage_options or None):
-        return None
-    return open_token_cache(path, storage_options or None)
+def _refuse_unsupported(cfg: DistillConfig) -> None:
+    from kdcache.distill.checkpoint import _flag
+
+    if len(cfg.caches) > 1:
+        raise KdcacheError("--cache: a language-model student distills from one token cache; "
+                           f"got {len(cfg.caches)}")  # fmt: skip
+    unsupported = (("teacher", None), ("weights", None), ("fill_missing", False),
+                   ("ema", False), ("label_smoothing", 0.0), ("pretrained", False))  # fmt: skip
+    for name, default in unsupported:
+        if getattr(cfg, name) != default:
+            raise KdcacheError(
+                f"{_flag(name)} is not supported for language-model students (token caches); "
+                "give the student's weights as hf:DIR"
+            )
 
 
-def is_lm_run(cfg) -> bool:
-    """Dispatch of `distill`: a token cache, or a causal-LM student without any cache."""
-    caches = list(cfg.caches)
-    if caches:
-        return token_cache_of(caches[0], cfg.storage_options) is not None
-    return is_causal_lm_dir(cfg.student)
+def _corpus(cfg: DistillConfig, split: str, tok, max_length: int, vocab: int, limit=None):
+    """One split of --dataset (or a file given as the split) tokenized into windows."""
+    from kdcache.data.lmtext import iter_rows, tokenize_corpus
+
+    root = cfg.data_root
+    if os.path.isfile(split):  # a held-out file: --test-split heldout.jsonl
+        root, split = split, Path(split).stem
+    rows = iter_rows(cfg.dataset, root, split, cfg.text_column)
+    return tokenize_corpus(rows, tok, max_length, vocab, limit)
 
 
-def load_student(student: str, seed: int):
-    """(model, student directory). Weights present: loaded; config only: seeded random init."""
-    d = _hf_dir(student)
-    if d is None:
-        raise KdcacheError(
-            f"--student {student!r}: a language-model student must be hf:DIR with a config.json "
-            "(weights optional: a config alone gives a randomly initialised model)"
-        )
-    if not is_causal_lm_dir(student):
-        raise KdcacheError(
-            f"--student {student!r} is not a causal LM (its config.json architectures lack "
-            "*ForCausalLM / *LMHeadModel); expected a causal-LM student for a token cache"
-        )
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if any((d / w).is_file() for w in _WEIGHTS):
-        return AutoModelForCausalLM.from_pretrained(str(d)), d
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d))), d
-
-
-def _tokenizer_at(d) -> object:
+def _tokenizer(cfg: DistillConfig, cache, info: dict):
+    """The cache's tokenizer (the student's own must be the same), or the student's."""
+    from kdcache.models.lmstudent import same_tokenizer
     from transformers import AutoTokenizer
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return AutoTokenizer.from_pretrained(str(d))
-
-
-def _fingerprint(tok) -> tuple:
-    return (len(tok), tuple(sorted(tok.get_vocab().items())), tok.eos_token, tok.bos_token)
-
-
-def student_tokenizer(student: str, d: Path, cache):
-    """The student's tokenizer; with a cache it must be the teacher's (same vocabulary and
-    specials), else one error naming both. A student directory without tokenizer files
-    uses the cache's."""
-    own = any((d / f).is_file() for f in _TOKENIZER)
+    own = AutoTokenizer.from_pretrained(info["tokenizer_dir"]) if info["tokenizer_dir"] else None
     if cache is None:
-        if not own:
-            raise KdcacheError(
-                f"--student {student!r} has no tokenizer files and no --cache gives one"
-            )
-        return _tokenizer_at(d)
-    teacher_tok = _tokenizer_at(cache.tokenizer_dir())
-    if not own:
-        return teacher_tok
-    tok = _tokenizer_at(d)
-    if _fingerprint(tok) != _fingerprint(teacher_tok):
-        sha = _cache_tokenizer_sha(cache)
+        if own is None:
+            raise KdcacheError(f"--student {cfg.student!r} has no tokenizer files; training "
+                               "without a token cache needs the student's tokenizer")  # fmt: skip
+        return own
+    tok = AutoTokenizer.from_pretrained(cache.tokenizer_dir())
+    teacher = (cache.spec.get("teacher") or {}).get("name", "?")
+    why = None if own is None else same_tokenizer(own, tok)
+    if why is None and info["vocab_size"] < cache.vocab_size:
+        why = f"its vocabulary has {info['vocab_size']} ids, the cache's {cache.vocab_size}"
+    if why is not None:
         raise KdcacheError(
-            f"--student {student!r} has another tokenizer (vocab {len(tok)}) than the teacher "
-            f"of --cache {cache_name(cache)!r} (vocab {len(teacher_tok)}, tokenizer sha256 "
-            f"{sha[:12]}); teacher and student must share the tokenizer"
+            f"student {cfg.student!r} and the cache's teacher {teacher!r} do not share a "
+            f"tokenizer ({why}); a token cache trains students on the teacher's tokenizer"
         )
     return tok
 
 
-def cache_name(cache) -> str:
-    return str(getattr(cache, "path", None) or getattr(cache, "url", None) or cache.key[:12])
+def _check_dataset(cfg: DistillConfig, cache, tok) -> None:
+    """--data-root given with a cache: its windows must be the cache's (fingerprint)."""
+    if cfg.data_root is None:
+        return
+    c = _corpus(cfg, cfg.split, tok, int(cache.max_length), int(cache.vocab_size))
+    try:
+        want = cache.spec["dataset"].get("fingerprint")
+        if want is not None and c.fingerprint != want:
+            raise KdcacheError(
+                f"--dataset {cfg.dataset} --data-root {cfg.data_root} --split {cfg.split} is not "
+                f"the data of the cache {cache.path} (fingerprint {c.fingerprint[:12]} vs "
+                f"{want[:12]}); give the corpus the cache was computed on"
+            )
+    finally:
+        c.close()
 
 
-def _cache_tokenizer_sha(cache) -> str:
-    """The tokenizer sha256 recorded in the spec (wherever the writer put it)."""
-    stack = [cache.spec]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            for k, v in x.items():
-                if "tokenizer" in k and "sha" in k and isinstance(v, str):
-                    return v
-                stack.append(v)
-    return "?"
+def build_lm_run(cfg: DistillConfig, rt) -> LMRun:
+    from kdcache.distill.lmdata import CacheRows, CorpusRows
+    from kdcache.models.lmstudent import create_lm_student
 
+    _refuse_unsupported(cfg)
+    if cfg.batch_size < rt.world_size:
+        raise KdcacheError(f"--batch-size {cfg.batch_size} is smaller than the world size "
+                           f"{rt.world_size}; it is the global batch")  # fmt: skip
+    loss_fn, needs_teacher = _loss(cfg)
+    if needs_teacher and not cfg.caches:
+        raise KdcacheError(f"--loss {cfg.loss} needs the teacher's targets: give --cache PATH "
+                           "(a token cache)")  # fmt: skip
+    cache = None
+    if cfg.caches:
+        from kdcache.cache.tokens import open_token_cache
 
-def check_student_fits(model, student: str, vocab: int, max_length: int) -> None:
-    """The student must embed every id of the vocabulary and every position of a row."""
-    cfg = model.config
-    n = int(getattr(cfg, "vocab_size", 0) or 0)
-    if n < vocab:
-        raise KdcacheError(
-            f"--student {student!r} has vocab_size {n} < {vocab} token ids of the tokenizer"
-        )
-    pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    if pos is not None and max_length > int(pos):
-        raise KdcacheError(
-            f"rows of {max_length} tokens exceed the student's {pos} positions ({student!r})"
-        )
-
-
-def heldout_windows(cfg, tok, max_length: int):
-    """Held-out token windows: --test-split FILE, or DIR/<test-split>.jsonl|csv of
-    --data-root; None with --test-split none or when a single training file gives no split."""
-    from kdcache.distill.lmdata import read_text_rows, token_windows
-
-    split = cfg.test_split
-    if split in (None, "", "none"):
-        return None
-    if Path(split).is_file():
-        root, split = split, "test"
-    elif cfg.data_root is not None and Path(cfg.data_root).is_dir():
-        root = cfg.data_root
+        cache = open_token_cache(cfg.caches[0], cfg.storage_options or None)
+    model, info = create_lm_student(cfg.student)
+    tok = _tokenizer(cfg, cache, info)
+    max_length = int(cache.max_length) if cache is not None else int(cfg.max_length)
+    limit = info["max_positions"]
+    if limit is not None and max_length > limit:
+        raise KdcacheError(f"max length {max_length} exceeds the student's {limit} positions "
+                           f"(--student {cfg.student!r})")  # fmt: skip
+    vocab = info["vocab_size"]
+    if cache is not None:
+        _check_dataset(cfg, cache, tok)
+        train = CacheRows(cache, int(cfg.memory_budget_gb * (1 << 30)))
     else:
-        log.warning("no held-out data: give --test-split FILE (or a --data-root DIR/%s.jsonl)",
-                    split)  # fmt: skip
-        return None
-    _, texts = read_text_rows(root, split)
-    return token_windows(tok, texts, max_length)
+        if cfg.data_root is None and cfg.dataset == "text":
+            raise KdcacheError("--dataset text needs --data-root FILE.jsonl|csv or a DIR")
+        train = CorpusRows(_corpus(cfg, cfg.split, tok, max_length, vocab, cfg.max_samples))
+    test = None
+    if cfg.test_split and cfg.test_split != "none":
+        try:
+            test = CorpusRows(_corpus(cfg, cfg.test_split, tok, max_length, vocab))
+        except KdcacheError as e:
+            if "no split" not in str(e) and "not exist" not in str(e):
+                raise
+            raise KdcacheError(f"{e} (--test-split SPLIT or FILE, or none to skip the held-out "
+                               "evaluation)") from None  # fmt: skip
+    return LMRun(model, info, tok, cache, train, test, loss_fn, max_length)
