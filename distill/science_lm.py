@@ -118,8 +118,8 @@ def main() -> None:
     ap.add_argument("--max-files", type=int, default=30)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--teacher-epochs", type=int, default=6)
-    ap.add_argument("--student-epochs", type=int, default=2)
+    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--student-epochs", type=int, default=1)
     a = ap.parse_args()
     out = Path(a.out).resolve()
     if not (out / "student-init" / "config.json").exists():
