@@ -28,7 +28,8 @@ def lm_setup(tmp_path_factory, tiny_lm_dir):
     for name, opt in (("topk", ("--topk", 8)), ("sampled", ("--sampled", 8))):
         caches[name] = root / f"{name}.zarr"
         cli("precompute", "--teacher", f"hf:{tiny_lm_dir}", "--dataset", "text", "--data-root",
-            data, "--max-length", 24, "--chunk-samples", 16, *opt, "--out", caches[name])  # fmt: skip
+            data, "--max-length", 24, "--chunk-samples", 16, *opt,
+            "--out", caches[name])  # fmt: skip
     student = root / "student"
     GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2).save_pretrained(
         student
@@ -102,7 +103,8 @@ def test_kd_without_cache_and_other_corpus_are_refused(lm_setup, tmp_path):
     from tests.lmtools import write_corpus
 
     res = cli("distill", "--student", f"hf:{lm_setup['student']}", "--loss", "kd", "--dataset",
-              "text", "--data-root", lm_setup["data"], "--out", tmp_path / "a", ok=False)  # fmt: skip
+              "text", "--data-root", lm_setup["data"], "--out", tmp_path / "a",
+              ok=False)  # fmt: skip
     assert res.exit_code == 2 and "needs the teacher's targets" in res.output
     other = write_corpus(tmp_path / "other" / "train.jsonl", 5, seed=7).parent
     res = _distill({**lm_setup, "data": other}, lm_setup["caches"]["topk"], tmp_path / "b",
