@@ -25,6 +25,7 @@ from kdcache.cache.share import (
 from kdcache.cache.sparse import describe, kl_sum
 from kdcache.cache.spec import CacheSpec
 from kdcache.cache.store import open_cache, read_meta
+from kdcache.cache.tokens import open_token_cache
 
 log = logging.getLogger(__name__)
 KL_TEMPERATURES = (1.0, 4.0)
@@ -53,6 +54,23 @@ def convert(
     progress: bool = False, command: str | None = None,
 ) -> dict:  # fmt: skip
     """Write SRC to DST in another format/storage; returns a summary with the KL report."""
+    if read_meta(src, storage_options).get("kind") == "tokens":
+        if dtype is not None or topk is not None or sampled is not None:
+            raise KdcacheError(
+                f"{src} is a token cache: convert changes its backend (zarr <-> HDF5) and "
+                "--compression only; rerun precompute for another --dtype/--topk/--sampled"
+            )
+        from kdcache.cache.tokencopy import copy_token_cache
+
+        r = copy_token_cache(src, dst, storage_options=storage_options, break_lock=break_lock,
+                             overwrite=overwrite, compression=compression)  # fmt: skip
+        with open_token_cache(dst, storage_options) as c:
+            from kdcache.cache.tokenstore import bytes_per_token
+
+            bpt = bytes_per_token(c.spec)
+            r.update(storage=f"{c.mode}{c.k}", dtype=c.dtype, entry_bytes=bpt,
+                     src_entry_bytes=bpt)  # fmt: skip
+        return r
     if read_meta(src, storage_options).get("kind") == MULTI:
         raise KdcacheError(
             f"{src} is a multi-teacher store; convert its members one at a time ({src}/t0, ...)"

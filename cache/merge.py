@@ -19,7 +19,7 @@ from kdcache.cache.errors import KdcacheError
 from kdcache.cache.reader import MULTI, Cache, _first
 from kdcache.cache.share import Destination, chunk_bytes, for_backend, open_target, progress_bar
 from kdcache.cache.spec import FORMAT_VERSION, describe_diff
-from kdcache.cache.store import make_provenance, open_members
+from kdcache.cache.store import make_provenance, open_members, read_meta
 
 log = logging.getLogger(__name__)
 SHARED = ("dataset", "views", "format_version")  # what teachers of one store must share
@@ -94,6 +94,11 @@ def merge(
     """Merge caches (see the module doc); returns a summary. mode: auto | shards."""
     if not inputs:
         raise KdcacheError("merge needs at least one input cache")
+    if read_meta(inputs[0], storage_options).get("kind") == "tokens":
+        from kdcache.cache.tokencopy import merge_token_shards
+
+        return merge_token_shards(out, inputs, storage_options=storage_options,
+                                  overwrite=overwrite, break_lock=break_lock)  # fmt: skip
     if backend is not None and infer_backend(out, backend) != infer_backend(out):
         raise KdcacheError(f"merge output {out} does not end in the suffix of backend {backend}")
     caches: list[Cache] = []

@@ -243,6 +243,10 @@ def copy_cache(
     """`cache push` / `cache pull`: copy SRC to DST chunk by chunk (any backends, any URLs),
     verifying every chunk against its checksum; rerun to resume or repair."""
     meta = read_meta(src, storage_options)
+    if meta.get("kind") == "tokens":
+        from kdcache.cache.tokencopy import copy_token_cache
+
+        return copy_token_cache(src, dst, storage_options=storage_options, break_lock=break_lock)
     multi = meta.get("kind") == MULTI
     members: list = list(meta.get("members") or []) if multi else [None]
     sources = open_members(src, storage_options)

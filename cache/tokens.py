@@ -329,6 +329,12 @@ class TokenWriter(TokenCache):
         self._b.write("done", c, np.ones(1, np.uint8))
         self._b.flush()
 
+    def write_chunk_stored(self, c: int, padded: dict[str, np.ndarray]) -> None:
+        """Write a chunk read with read_chunk_stored (copies, merges): same checks, digest,
+        crash-safe order."""
+        want = int(self._lengths[slice(*self.chunk_rows(c))].sum())
+        self.write_chunk(c, {n: np.asarray(a)[:want] for n, a in padded.items()})
+
     def finalize(self, extra: dict | None = None) -> None:
         """All chunks done: checksums + complete into attrs (written last), release the lock."""
         meta = check_meta(self._b.get_meta(), self.path)

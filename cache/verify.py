@@ -104,6 +104,10 @@ def verify(
         meta = read_meta(path, storage_options)
     except AttrsError as e:  # hand-edited attrs are a problem of the cache: exit 1, named
         return [str(e)]
+    if meta.get("kind") == "tokens":
+        from kdcache.cache.tokencopy import verify_token_cache
+
+        return verify_token_cache(path, storage_options)
     members = meta.get("members") or [] if meta.get("kind") == MULTI else [None]
     problems: list[str] = []
     if meta.get("kind") == MULTI and not meta.get("complete"):

@@ -14,9 +14,10 @@ def _local(path: str) -> str:
     local = os.path.expanduser(path)
     if path.startswith(("/", "./", "../", "~")) or os.path.exists(local):
         if not os.path.isdir(local):
+            what = "is not a directory" if os.path.exists(local) else "does not exist"
             raise KdcacheError(
-                f"hf:{path}: {local!r} is not a directory; expected a directory saved with "
-                "save_pretrained (config.json, weights, tokenizer) or a hub id"
+                f"hf:{path}: the directory {local!r} {what}; expected a local directory saved "
+                "with save_pretrained (config.json, weights, tokenizer) or a hub id"
             )
         return local
     return path
@@ -59,11 +60,14 @@ def max_positions(config) -> int | None:
     return None
 
 
-def load_causal_lm(name: str):
-    """(model in eval mode, tokenizer, teacher info for the spec) of an ``hf:`` causal LM."""
+def load_causal_lm(name: str, max_length: int | None = None):
+    """(model in eval mode, tokenizer, teacher info for the spec) of an ``hf:`` causal LM;
+    a max_length beyond the model's positions is refused before the weights are loaded."""
     from kdcache.models.hf import _hf_weights_sha256, _hub, load_hf_tokenizer
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # stage 1 has its own bar; errors stay one line
     config = hf_config(name)
     if not config_is_causal_lm(config):
         archs = getattr(config, "architectures", None)
@@ -71,6 +75,12 @@ def load_causal_lm(name: str):
             f"teacher {name} is not a causal language model (architectures {archs}, model_type "
             f"{getattr(config, 'model_type', None)!r}); a token cache needs an "
             "AutoModelForCausalLM teacher (e.g. *ForCausalLM, GPT2LMHeadModel)"
+        )
+    limit = max_positions(config)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise KdcacheError(
+            f"--max-length {max_length} is beyond the teacher's {limit} positions; "
+            f"expected <= {limit}"
         )
     path = _local(name[3:])
     tok = load_hf_tokenizer(path)

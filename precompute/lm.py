@@ -77,7 +77,7 @@ def build(cfg: PrecomputeConfig):
     from kdcache.models.lm import load_causal_lm
 
     mode, k = _mode(cfg)
-    net, tok, info = load_causal_lm(cfg.teacher)
+    net, tok, info = load_causal_lm(cfg.teacher, cfg.max_length)
     max_length = _max_length(cfg, info)
     if cfg.dtype not in ("float16", "bfloat16", "float32"):
         raise KdcacheError(f"--dtype {cfg.dtype}; expected float16 or bfloat16")
@@ -185,7 +185,13 @@ def _reduce_kl(rt, kl: list[float]) -> list[float]:
 
 
 def _compute(cfg, rt, net, spec, corpus, writer) -> list[float]:
-    todo = [c for c in writer.todo_chunks() if c % rt.world_size == rt.rank]
+    from kdcache.precompute.config import parse_shard
+
+    index, count = parse_shard(cfg.shard)  # --shard I/N: chunks c % N == I, dealt to ranks
+    if index >= writer.n_chunks:
+        raise KdcacheError(f"--shard {cfg.shard}: the cache has only {writer.n_chunks} chunks")
+    todo = [c for c in writer.todo_chunks()
+            if c % count == index and (c // count) % rt.world_size == rt.rank]  # fmt: skip
     net.to(rt.device)
     amp = cfg.amp and rt.device.type == "cuda"
     kl = [0.0, 0.0]
@@ -225,15 +231,17 @@ def chunk_targets(net, spec, corpus, lo, hi, batch_size, device, amp=False, kl_r
         x, att = x.to(device), att.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(input_ids=x, attention_mask=att).logits
-        real = logits[att.bool()]  # (n_real, V): row-major over (batch row, position)
-        if mode == "topk":
-            vals, ids, tail = topk_targets(real, k, t["top_p"])
+        real_pos = att.bool()  # row-major over (batch row, position), like the flat arrays
+        want_kl = kl is not None and kl_rows and lo + int(rows.min()) < kl_rows
+        real = logits[real_pos] if (mode == "sampled" or want_kl) else None
+        if mode == "topk":  # on the padded batch: no (n, V) copy; logits consumed in place
+            vals, ids, tail = (x[real_pos] for x in topk_targets(logits, k, t["top_p"]))
         else:
             pos = np.concatenate([np.arange(lengths[r]) for r in rows])
             grow = np.concatenate([np.full(lengths[r], lo + r) for r in rows])
             u = torch.from_numpy(draw_uniforms(t["seed"], grow, pos, k)).to(device)
             ids = sampled_targets(real, u)
-        if kl is not None and kl_rows:
+        if want_kl:
             sel = torch.from_numpy(
                 np.concatenate([np.full(lengths[r], lo + r < kl_rows) for r in rows])
             ).to(device)

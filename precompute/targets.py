@@ -12,19 +12,25 @@ from kdcache.cache.dtypes import GOLDEN, mix64
 def topk_targets(
     logits: torch.Tensor, k: int, top_p: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logprobs (n,K) sorted descending, ids (n,K), tail (n,)) from logits (n, V).
+    """(logprobs (..., K) sorted descending, ids (..., K), tail (...)) from logits (..., V).
 
-    tail = log of the mass outside the kept ids (exact: logsumexp of the others, -inf if none);
-    with top_p, entries past the nucleus are dropped (id 0, logprob -inf) into the tail."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    k = min(k, logp.shape[-1])
-    vals, ids = logp.topk(k, dim=-1, sorted=True)
-    logp.scatter_(-1, ids, float("-inf"))
-    tail = torch.logsumexp(logp, dim=-1)
+    Three reading passes over the vocabulary, no full-size write: lse = logsumexp(z),
+    top-k of z (log_softmax is z - lse, same order), then the kept ids are set to -inf IN
+    PLACE (the caller's logits are consumed) and tail = logsumexp(rest) - lse: the exact log
+    of the mass outside the kept ids (-inf if none). With top_p, entries past the nucleus
+    are dropped (id 0, logprob -inf) into the tail."""
+    z = logits.float()  # fp32 (a copy only when the forward ran in bf16)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    k = min(k, z.shape[-1])
+    vals, ids = z.topk(k, dim=-1, sorted=True)
+    vals = vals - lse
+    z.scatter_(-1, ids, float("-inf"))
+    tail = (torch.logsumexp(z, dim=-1, keepdim=True) - lse).squeeze(-1)
     if top_p is not None:
-        before = torch.cumsum(vals.exp(), dim=-1) - vals.exp()  # mass of the better entries
+        p = vals.exp()
+        before = torch.cumsum(p, dim=-1) - p  # mass of the better entries
         drop = before >= top_p
-        drop[:, 0] = False
+        drop[..., 0] = False
         dropped = torch.where(drop, vals, torch.full_like(vals, float("-inf")))
         tail = torch.logaddexp(tail, torch.logsumexp(dropped, dim=-1))
         vals = vals.masked_fill(drop, float("-inf"))
