@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--teacher-epochs", type=int, default=3)
     ap.add_argument("--student-epochs", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="Student runs at once.")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     if not (out / "student-init" / "config.json").exists():
@@ -135,24 +136,23 @@ def main() -> None:
         cli("precompute", "--teacher", f"hf:{out / 'teacher' / 'hf'}", "--dataset", "text",
             "--data-root", str(out / "corpus"), "--max-length", L, "--batch-size", "32",
             "--chunk-samples", "64", *opt, "--out", str(caches[name]))  # fmt: skip
-    rows = []
     student = str(out / "student-init")
+    jobs = []  # (variant, seed, run dir, extra options)
     for seed in range(a.seeds):
-        r = train(
-            out,
-            student,
-            out / "students" / f"ce-s{seed}",
-            a.student_epochs,
-            seed,
-            "--max-length",
-            L,
-        )
-        rows.append({"student": "gpt2-1x32", "variant": "ce", "seed": seed, **r})
+        jobs.append(("ce", seed, out / "students" / f"ce-s{seed}", ("--max-length", L)))
         for name, path in caches.items():
-            run = out / "students" / f"kd-{name}-s{seed}"
-            r = train(out, student, run, a.student_epochs, seed, "--cache", str(path), "--loss",
-                      "kd", "--test-split", str(out / "corpus" / "test.jsonl"))  # fmt: skip
-            rows.append({"student": "gpt2-1x32", "variant": f"kd-{name}", "seed": seed, **r})
+            extra = ("--cache", str(path), "--loss", "kd")
+            jobs.append((f"kd-{name}", seed, out / "students" / f"kd-{name}-s{seed}", extra))
+
+    def one(job):
+        variant, seed, run, extra = job
+        r = train(out, student, run, a.student_epochs, seed, *extra)
+        return {"student": "gpt2-1x32", "variant": variant, "seed": seed, **r}
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:  # each job is its own CLI process
+        rows = list(pool.map(one, jobs))
     report(out, rows, caches, teacher, a.vocab)
 
 
