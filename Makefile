@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench env clean science
+.PHONY: demo test lint bench env clean science science-lm
 
 # (Re)install when pyproject.toml changes; pip keeps its download cache in ~/.cache/pip,
 # so a second fresh venv does not download torch again.
@@ -39,3 +39,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Token caches: a small GPT-2 teacher on the stdlib's docstrings, cached as top-k 16/64 and
+# sampled-64, students with CE vs KD, 3 seeds, paired (README "Distilling a language-model
+# student"). Resumable. SCIENCE_LM_OUT=/some/dir make science-lm to write elsewhere.
+SCIENCE_LM_OUT ?= runs/science-lm
+science-lm: $(STAMP)
+	$(PY) -m kdcache.distill.science_lm --out $(SCIENCE_LM_OUT)

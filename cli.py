@@ -238,6 +238,10 @@ def precompute(**kw) -> None:
     "--memory-budget-gb", default=4.0, type=NONNEG, help="Load caches into RAM up to this."
 )
 @click.option("--image-size", default=None, type=POS_INT, help="View output size (rrc-flip).")
+@click.option(
+    "--max-length", default=128, type=POS_INT,
+    help="Language-model students without a token cache: tokens per row (a cache: its own).",
+)  # fmt: skip
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option(
     "--amp/--no-amp", default=True, help="bf16 autocast of student (and teacher) on CUDA."

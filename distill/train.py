@@ -46,8 +46,15 @@ def _reduce(rt: Runtime, d: dict) -> dict:
 
 def run(cfg: DistillConfig) -> dict:
     """Train end to end; returns the final metrics record (also in OUT/metrics.jsonl)."""
+    from kdcache.distill.lmsetup import is_lm_run
+
     rt = init_runtime(cfg.device)
     try:
+        if is_lm_run(cfg):  # a token cache / a causal-LM student: distill/lm.py
+            from kdcache.distill.lm import run_lm
+
+            cfg.validate()
+            return run_lm(cfg, rt)
         return _run(cfg, rt)
     finally:
         shutdown(rt)
@@ -230,6 +237,10 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
 
 def summary_line(rec: dict, out: str) -> str:
     """The run's final line: last and best accuracy and where best.pt is."""
+    if rec.get("task") == "lm":
+        from kdcache.distill.lm import lm_summary_line
+
+        return lm_summary_line(rec, out)
     kind = "test" if "test_acc" in rec else "train"
     head = "already finished (nothing to resume)" if rec.get("already_finished") else "done"
     parts = [  # epochs counted from 1, as in the figures (metrics.jsonl keeps 0-based)

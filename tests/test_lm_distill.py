@@ -1,0 +1,125 @@
+"""Language-model students distilled from token caches (distill/lm.py) on tiny GPT-2s."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from kdcache.distill.lmdata import Flat, collate
+
+from tests.clitools import cli
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory, tiny_lm_dir):
+    """A train/test corpus folder, top-k and sampled caches of the tiny teacher, a config-only
+    student (1 layer, no tokenizer: it uses the cache's)."""
+    from transformers import GPT2Config
+
+    from tests.lmtools import write_corpus
+
+    root = tmp_path_factory.mktemp("lm_distill")
+    data = root / "data"
+    write_corpus(data / "train.jsonl", 16, seed=0, max_words=25)
+    write_corpus(data / "test.jsonl", 4, seed=1)
+    caches = {}
+    for name, opt in (("topk", ("--topk", 8)), ("sampled", ("--sampled", 8))):
+        caches[name] = root / f"{name}.zarr"
+        cli("precompute", "--teacher", f"hf:{tiny_lm_dir}", "--dataset", "text", "--data-root",
+            data, "--max-length", 24, "--chunk-samples", 16, *opt,
+            "--out", caches[name])  # fmt: skip
+    student = root / "student"
+    GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2).save_pretrained(
+        student
+    )
+    return {"data": data, "caches": caches, "student": student, "root": root}
+
+
+def _distill(s, cache, out, *extra, ok=True):
+    return cli("distill", "--student", f"hf:{s['student']}", "--cache", cache, "--loss", "kd",
+               "--dataset", "text", "--data-root", s["data"], "--optimizer", "adamw", "--lr",
+               "1e-2", "--schedule", "constant", "--batch-size", 8, "--out", out, *extra,
+               ok=ok)  # fmt: skip
+
+
+def _records(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kd_student_trains_from_a_topk_cache(lm_setup, tmp_path):
+    out = tmp_path / "kd"
+    res = _distill(lm_setup, lm_setup["caches"]["topk"], out, "--epochs", 2)
+    recs = _records(out)
+    assert [r["epoch"] for r in recs] == [0, 1]
+    assert recs[-1]["test_loss"] < recs[0]["test_loss"]  # held-out loss decreases
+    assert recs[-1]["kd"] < recs[0]["kd"] and recs[-1]["loss"] < recs[0]["loss"]
+    for r in recs:
+        assert r["test_ppl"] == pytest.approx(math.exp(r["test_loss"]), rel=1e-5)
+        assert r["tokens"] > 0 and r["test_tokens"] > 0
+    assert "held-out loss" in res.output and "ppl" in res.output
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "hf/config.json"):
+        assert (out / name).exists(), name
+    # the exported student is a causal LM on the teacher's tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out / "hf")
+    assert len(AutoTokenizer.from_pretrained(out / "hf")) == 300
+    again = _distill(lm_setup, lm_setup["caches"]["topk"], out, "--epochs", 2, "--resume")
+    assert "already finished" in again.output
+
+
+def test_sampled_cache_trains(lm_setup, tmp_path):
+    out = tmp_path / "sampled"
+    _distill(lm_setup, lm_setup["caches"]["sampled"], out, "--epochs", 2, "--test-split", "none")
+    recs = _records(out)
+    assert len(recs) == 2 and "test_loss" not in recs[0]
+    assert all(math.isfinite(r["kd"]) and r["kd"] >= 0 for r in recs)
+    assert recs[1]["loss"] < recs[0]["loss"]
+
+
+def test_student_with_another_tokenizer_is_refused(lm_setup, tmp_path):
+    from tests.lmtools import make_tokenizer
+
+    other = tmp_path / "other"
+    make_tokenizer(other, vocab_size=280, chat=False)
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2).save_pretrained(
+        other
+    )
+    out = tmp_path / "bad"
+    res = cli("distill", "--student", f"hf:{other}", "--cache", lm_setup["caches"]["topk"],
+              "--loss", "kd", "--test-split", "none", "--out", out, ok=False)  # fmt: skip
+    assert res.exit_code == 2
+    lines = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "do not share a tokenizer" in lines[0]
+    assert str(other) in lines[0] and "teacher" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_kd_without_cache_and_other_corpus_are_refused(lm_setup, tmp_path):
+    from tests.lmtools import write_corpus
+
+    res = cli("distill", "--student", f"hf:{lm_setup['student']}", "--loss", "kd", "--dataset",
+              "text", "--data-root", lm_setup["data"], "--out", tmp_path / "a",
+              ok=False)  # fmt: skip
+    assert res.exit_code == 2 and "needs the teacher's targets" in res.output
+    other = write_corpus(tmp_path / "other" / "train.jsonl", 5, seed=7).parent
+    res = _distill({**lm_setup, "data": other}, lm_setup["caches"]["topk"], tmp_path / "b",
+                   "--test-split", "none", ok=False)  # fmt: skip
+    assert res.exit_code == 2 and "is not the data of the cache" in res.output
+
+
+def test_collate_keeps_positions_whose_next_token_counts():
+    # two rows (3 and 2 tokens); the loss mask drops token 2 of row 0
+    f = Flat(np.array([5, 6, 7, 8, 9]), np.array([3, 2]), np.array([1, 1, 0, 1, 1], bool),
+             "topk", np.arange(10).reshape(5, 2), np.zeros((5, 2), np.float32),
+             np.zeros(5, np.float32))  # fmt: skip
+    b = collate(f)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["keep"].tolist() == [[True, False, False], [True, False, False]]
+    assert b["labels"].tolist() == [6, 9]
+    assert b["targets"].ids.tolist() == [[0, 1], [6, 7]]  # tokens 0 and 3 (flat) predict
