@@ -168,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs of each mode")
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip the timm rows")
     ap.add_argument("--quick", action="store_true", help="n=256, 1 repeat: smoke run")
+    ap.add_argument("--e2e", action="store_true", help="whole commands, fresh processes (e2e.py)")
     return ap
 
 
@@ -303,6 +304,10 @@ def report(args, res: dict) -> None:
 
 def main() -> None:
     args = parser().parse_args()
+    if args.e2e:
+        from bench.e2e import run
+
+        return run(args)
     if args.quick:
         args.n, args.repeats = min(args.n, 256), 1
     report(args, measure(args))

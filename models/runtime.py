@@ -84,6 +84,18 @@ def shutdown(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def deterministic_kernels(device: torch.device) -> None:
+    """Stage 1 on CUDA: the same kernels for the same shapes in every run (no cudnn.benchmark
+    autotuning, which may time a different algorithm each run; deterministic cuBLAS/cuDNN
+    algorithms; ops without one warn once). CPU kernels are chosen by shape already."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def forward(model: torch.nn.Module, batch) -> torch.Tensor:
     """Teacher/student call for image tensors and tokenized text alike."""
     if isinstance(batch, dict):

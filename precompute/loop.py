@@ -41,23 +41,56 @@ def _pinned(batch):
     return batch.pin_memory()
 
 
+FORWARD_BLOCK = 64
+"""Views per teacher forward, whatever --batch-size is: a constant of the cache format (so
+not in the key). Kernels pick their algorithm (blocking, accumulation order) by batch shape,
+so a view's logits could depend on how many views shared its forward; with every forward
+one shape, and blocks aligned to the chunk's first view (the last one zero-padded), a view's
+bytes depend only on the chunk, never on the batch size, the workers or the resume point."""
+
+
+def forward_blocks(batches, block: int = FORWARD_BLOCK):
+    """Re-cut a chunk's view batches into (block, n_real) pairs of exactly `block` rows (the
+    last zero-padded). Token dicts pass through as they come (their padded length follows the
+    batch anyway)."""
+    buf: list[torch.Tensor] = []
+    have = 0
+    for b in batches:
+        if isinstance(b, dict):
+            yield b, len(b["input_ids"])
+            continue
+        buf.append(b)
+        have += len(b)
+        if have < block:
+            continue
+        flat = torch.cat(buf) if len(buf) > 1 else buf[0]
+        full = have - have % block
+        for lo in range(0, full, block):
+            yield flat[lo : lo + block], block
+        buf, have = ([flat[full:]], have - full) if full < have else ([], 0)
+    if have:
+        rest = torch.cat(buf) if len(buf) > 1 else buf[0]
+        pad = rest.new_zeros((block - have, *rest.shape[1:]))
+        yield torch.cat([rest, pad]), have
+
+
 def teacher_logits(setup: Setup, batches, device: torch.device, amp: bool) -> np.ndarray:
-    """A chunk's logits. On a GPU they stay there until the chunk is done, so its forwards
-    queue back to back (one host sync per chunk, not one per batch). AMP is bf16 autocast,
-    the one AMP dtype of both stages; uint8 image batches are scaled to [0, 1] on the device
-    and fed channels_last like the model."""
+    """A chunk's logits, computed on fixed-shape blocks (`FORWARD_BLOCK`). On a GPU they stay
+    there until the chunk is done, so its forwards queue back to back (one host sync per
+    chunk, not one per batch). AMP is bf16 autocast, the one AMP dtype of both stages; uint8
+    image batches are scaled to [0, 1] on the device and fed channels_last like the model."""
     outs = []
     cuda = device.type == "cuda"
+    moved = (to_device(b, device) for b in batches)
     with torch.inference_mode():
-        for b in batches:
-            b = to_device(b, device)
+        for b, n in forward_blocks(moved):
             if isinstance(b, torch.Tensor) and b.dim() == 4:
                 if b.dtype == torch.uint8:
                     b = b.to(torch.float32).div_(255.0)
                 if cuda:
                     b = b.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and cuda):
-                outs.append(forward(setup.model, b).float())
+                outs.append(forward(setup.model, b)[:n].float())
         return torch.cat(outs).cpu().numpy()
 
 

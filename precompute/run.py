@@ -19,6 +19,7 @@ from kdcache.models.runtime import (
     Runtime,
     barrier,
     broadcast_object,
+    deterministic_kernels,
     init_runtime,
     shutdown,
     write_run_config,
@@ -152,8 +153,8 @@ def _compute(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, path: str, writer
     n_todo = sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in todo)
     log.info("rank %d: %d chunks to compute (%d samples)", rt.rank, len(todo), n_todo)
     setup.model.to(rt.device).eval()
+    deterministic_kernels(rt.device)
     if rt.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         if setup.modality == "image":
             setup.model.to(memory_format=torch.channels_last)
     if cfg.compile:  # the teacher's forward only; chunk-local batches keep shapes fixed
