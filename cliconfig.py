@@ -306,3 +306,25 @@ NONNEG_INT = click.IntRange(min=0)
 NONNEG = click.FloatRange(min=0)
 POS_FLOAT = click.FloatRange(min=0, min_open=True)
 SCHEDULES = click.Choice(["step", "cosine", "constant"])
+
+
+_STRONG = [  # timm train.py names (data/strong.py; README "Strong augmentation")
+    click.option("--aa", default=None, help="rand-m9-mstd0.5-inc1, trivialaugment, original(r)."),
+    click.option(
+        "--color-jitter", default=None, type=float, help="Jitter strength (off with --aa)."
+    ),
+    click.option("--reprob", default=0.0, type=float, help="Random erasing probability."),
+    click.option("--remode", default="pixel", help="Random erasing fill: pixel, rand, const."),
+    click.option("--recount", default=1, type=int, help="Random erasing: at most this many rects."),
+    click.option("--mixup", default=0.0, type=float, help="Mixup alpha (> 0: on; partner row)."),
+    click.option("--cutmix", default=0.0, type=float, help="CutMix alpha (> 0: on)."),
+    click.option("--mixup-prob", default=1.0, type=float, help="Probability a view mixes."),
+    click.option("--mixup-switch-prob", default=0.5, type=float, help="P(CutMix) when both on."),
+]
+
+
+def STRONG_OPTIONS(f):  # noqa: N802 - used as a decorator, like STORAGE_OPTIONS
+    """The strong-augmentation options of precompute and cacheless distill."""
+    for opt in reversed(_STRONG):
+        f = opt(f)
+    return f
