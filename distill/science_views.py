@@ -84,7 +84,8 @@ def train_all(plans: dict, jobs: int) -> int:
     from kdcache.distill.study import _launch, _pending, cores, plan
 
     todo = [rc for spec in plans.values() for rc in _pending(spec, plan(spec))]
-    todo.sort(key=lambda t: t[0].seed)  # seed by seed: a partial study stays paired
+    # seed by seed (a partial study stays paired), the CE floor last (it is optional context)
+    todo.sort(key=lambda t: (t[0].loss == "ce", t[0].seed))
     jobs = min(jobs or cores(), max(1, len(todo)))
     threads = max(1, cores() // jobs)
     print(f"{len(todo)} runs to train, {jobs} jobs x {threads} threads", flush=True)
