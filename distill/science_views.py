@@ -162,14 +162,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="runs/science-views", help="Study folder (rerun to resume).")
     ap.add_argument("--seeds", default="0-4", help="Student seeds (the same for every variant).")
-    ap.add_argument("--epochs", type=int, default=8, help="Teacher and student epochs.")
+    ap.add_argument("--epochs", type=int, default=8, help="Student epochs.")
+    ap.add_argument("--teacher-epochs", type=int, default=8, help="Teacher epochs (plain CE).")
     ap.add_argument("--augs", default=",".join(map(str, AUGS)), help="Cached views per cache.")
     ap.add_argument("--jobs", type=int, default=0, help="Parallel runs (0: one per core).")
     ap.add_argument("--figure", default=None, help="Also write the figure here (the README's).")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # teacher + precompute on a shared machine
-    weights = teacher(out, a.epochs)
+    weights = teacher(out, a.teacher_epochs)
     augs = [int(x) for x in a.augs.split(",")]
     caches = {k: cache(out, weights, k) for k in augs}
     sizes = {k: nbytes(c) for k, c in caches.items()}

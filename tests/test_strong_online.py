@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from tests.clitools import cli
@@ -103,3 +104,31 @@ def test_strong_options_refused_with_a_cache(tmp_path):
     res = cli("distill", *TRAIN, "--loss", "lsr", "--mixup", "0.8", "--out", out, ok=False)
     assert res.exit_code == 2 and "--loss lsr" in res.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_study_plans_online_kd_only_with_a_teacher(tmp_path):
+    from kdcache.cache.errors import KdcacheError
+    from kdcache.distill.study import StudySpec, plan
+
+    with pytest.raises(KdcacheError, match="needs teacher logits"):
+        plan(StudySpec(str(tmp_path), ["kd"], [0, 1]))
+    runs = plan(StudySpec(str(tmp_path), ["kd"], [0, 1], distill={"teacher": "resnet8"}))
+    assert [r.seed for r in runs] == [0, 1] and runs[0].loss == "kd"
+
+
+def test_views_report_rows_and_figure(tmp_path):
+    from kdcache.distill import science_views as sv
+    from kdcache.distill.study_stats import write_report
+
+    rows = [{"student": "resnet8", "variant": v, "loss": "kd", "seed": s, "test_acc": acc + s / 100}
+            for v, acc in (("kd, 1 view", 0.7), ("kd, 4 views", 0.8), (sv.ONLINE, 0.85))
+            for s in range(3)]  # fmt: skip
+    rep = write_report(rows, tmp_path, "views", sv.ONLINE, [])
+    diffs = {c["a"]: c["mean_diff"] for c in rep["comparisons"]}
+    assert diffs == pytest.approx({"kd, 1 view": -0.15, "kd, 4 views": -0.05})
+    sv.plot(rep["summary"], rows, {1: 1000, 4: 4000}, tmp_path / "fig" / "v.png")
+    assert (tmp_path / "fig" / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a").write_bytes(b"x" * 10)
+    (tmp_path / "c" / "b").write_bytes(b"x" * 5)
+    assert sv.nbytes(str(tmp_path / "c")) == 15
