@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--max-samples", type=int, default=None,
                     help="Cache and train on the first N training digits [all 1438].")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=0, help="Parallel runs (0: one per core).")
+    ap.add_argument("--report-only", action="store_true", help="Rebuild the report, train nothing.")
     ap.add_argument("--figure", default=None, help="Also write the figure here (the README's).")
     a = ap.parse_args()
     out = Path(a.out).resolve()
@@ -181,7 +182,7 @@ def main() -> None:
         caches = dict(sorted(made))
     sizes = {k: nbytes(c) for k, c in caches.items()}
     plans = specs(out, caches, weights, parse_seeds(a.seeds), a.epochs, a.max_samples)
-    failed = train_all(plans, a.jobs)
+    failed = 0 if a.report_only else train_all(plans, a.jobs)
     rows = rows_of(plans)
     for r in rows:
         k = next((k for k in augs if r["variant"].startswith(f"kd, {k} view")), None)
