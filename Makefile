@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench env clean science science-lm
+.PHONY: demo test lint bench env clean science science-lm science-views
 
 # (Re)install when pyproject.toml changes; pip keeps its download cache in ~/.cache/pip,
 # so a second fresh venv does not download torch again.
@@ -27,6 +27,14 @@ demo: $(STAMP)
 SCIENCE_OUT ?= runs/science
 science: $(STAMP)
 	$(PY) -m kdcache.distill.science --out $(SCIENCE_OUT)
+
+# How many cached views a student needs under strong augmentation (README "How many views"):
+# caches of 1-16 views, online KD as the upper bound, 5 seeds. Resumable: rerun to finish.
+VIEWS_OUT ?= runs/science-views
+VIEWS_EPOCHS ?= 5
+science-views: $(STAMP)
+	nice $(PY) -m kdcache.distill.science_views --out $(VIEWS_OUT) --epochs $(VIEWS_EPOCHS) \
+		--figure docs/science-views.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -34,6 +34,7 @@ from kdcache.cliconfig import (  # noqa: E402
     POS_INT,
     SCHEDULES,
     STORAGE_OPTIONS,
+    STRONG_OPTIONS,
     Group,
     cache_out,
     parse_hparams,
@@ -102,16 +103,7 @@ def main(verbose: bool) -> None:
     help="Text: truncate to this many tokens, padded per batch [default: model's, <= 128].",
 )
 @click.option("--mask-prob", default=0.15, type=float, help="token-mask: fraction masked.")
-# strong augmentation (timm train.py names; data/strong.py; README "Strong augmentation")
-@click.option("--aa", default=None, help="rand-m9-mstd0.5-inc1, trivialaugment, original(r).")
-@click.option("--color-jitter", default=None, type=float, help="Jitter strength (off with --aa).")
-@click.option("--reprob", default=0.0, type=float, help="Random erasing probability.")
-@click.option("--remode", default="pixel", help="Random erasing fill: pixel, rand, const.")
-@click.option("--recount", default=1, type=int, help="Random erasing: at most this many rects.")
-@click.option("--mixup", default=0.0, type=float, help="Mixup alpha (> 0: on; partner row).")
-@click.option("--cutmix", default=0.0, type=float, help="CutMix alpha (> 0: on).")
-@click.option("--mixup-prob", default=1.0, type=float, help="Probability a view mixes.")
-@click.option("--mixup-switch-prob", default=0.5, type=float, help="P(CutMix) when both on.")
+@STRONG_OPTIONS
 @click.option(
     "--format",
     "fmt",
@@ -286,6 +278,7 @@ def precompute(**kw) -> None:
 @click.option("--ema", is_flag=True, help="Keep a weight EMA of the student; report its acc.")
 @click.option("--ema-decay", default=0.9998, type=float, help="EMA decay (with warmup).")
 @click.option("--accum-steps", default=1, type=int, help="Micro-batches per optimizer step.")
+@STRONG_OPTIONS
 @STORAGE_OPTIONS
 def distill(**kw) -> None:
     """Stage 2: train a student from cached teacher logits (or plain CE without a cache)."""

@@ -343,3 +343,25 @@ def api_call(command: str, options: dict, body):
             return body(dict(ctx.params), resolved_options(ctx))
     except click.ClickException as e:
         raise KdcacheError(" ".join(e.format_message().split())) from None
+
+
+_STRONG = [  # timm train.py names (data/strong.py; README "Strong augmentation")
+    click.option("--aa", default=None, help="rand-m9-mstd0.5-inc1, trivialaugment, original(r)."),
+    click.option(
+        "--color-jitter", default=None, type=float, help="Jitter strength (off with --aa)."
+    ),
+    click.option("--reprob", default=0.0, type=float, help="Random erasing probability."),
+    click.option("--remode", default="pixel", help="Random erasing fill: pixel, rand, const."),
+    click.option("--recount", default=1, type=int, help="Random erasing: at most this many rects."),
+    click.option("--mixup", default=0.0, type=float, help="Mixup alpha (> 0: on; partner row)."),
+    click.option("--cutmix", default=0.0, type=float, help="CutMix alpha (> 0: on)."),
+    click.option("--mixup-prob", default=1.0, type=float, help="Probability a view mixes."),
+    click.option("--mixup-switch-prob", default=0.5, type=float, help="P(CutMix) when both on."),
+]
+
+
+def STRONG_OPTIONS(f):  # noqa: N802 - used as a decorator, like STORAGE_OPTIONS
+    """The strong-augmentation options of precompute and cacheless distill."""
+    for opt in reversed(_STRONG):
+        f = opt(f)
+    return f

@@ -64,17 +64,24 @@ def _tokenize(ds, info: dict, max_length: int | None = None):
 
 
 def _policy(cfg: DistillConfig, cache, info: dict, dataset, tok=None):
-    """The cache's view policy (replayed), or --augment when training without a cache."""
+    """The cache's view policy (replayed), or --augment (+ the strong options: fresh seeded
+    views each epoch, Mixup/CutMix partners included) when training without a cache."""
     from kdcache.data.loader import make_policy
     from kdcache.data.views import get_policy
 
     if cache is not None:  # the stored params rebuild the very policy the teacher saw
+        given = cfg.strong_given()
+        if given:
+            raise KdcacheError(
+                f"{given[0]} with --cache: a cache replays the augmentation its teacher saw "
+                "(cache info shows it); drop the option, or train without --cache"
+            )
         name, kw = cache.spec.views["policy"], dict(cache.spec.views.get("params") or {})
         return get_policy(name, **kw)
     name = cfg.augment
     if dataset.modality == "text" and name not in ("identity", "token-mask"):
         name = "identity"
-    return make_policy(name, dataset, info, cfg.image_size, tokenizer=tok)
+    return make_policy(name, dataset, info, cfg.image_size, tokenizer=tok, strong=cfg.strong())
 
 
 def build_run(cfg: DistillConfig, rt) -> Run:

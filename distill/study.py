@@ -124,8 +124,12 @@ def plan(spec: StudySpec) -> list[PlannedRun]:
             defaults = loss_defaults(loss)
         except ValueError as e:
             raise KdcacheError(f"--losses: {e}") from None
-        if loss_needs_cache(loss) and not spec.loss_cache.get(loss, spec.cache):
-            raise KdcacheError(f"--losses {loss} needs teacher logits: give --cache PATH")
+        online = bool(spec.distill.get("teacher")) and loss != "mrkd"  # --set teacher=NAME
+        if loss_needs_cache(loss) and not spec.loss_cache.get(loss, spec.cache) and not online:
+            raise KdcacheError(
+                f"--losses {loss} needs teacher logits: give --cache PATH "
+                "(or --set teacher='\"NAME\"' for online KD)"
+            )
         grid = {k: v for k, v in spec.hparam_grid.get("*", {}).items() if k in defaults}
         grid.update(spec.hparam_grid.get(loss, {}))
         keys = sorted(grid)
