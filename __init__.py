@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "open_cache",
     "TeacherCache",
+    "TokenCache",
     "CachedDataset",
     "ChunkSampler",
     "get_loss",
@@ -33,6 +34,7 @@ __all__ = [
 _LAZY = {
     "open_cache": "kdcache.cache.public",
     "TeacherCache": "kdcache.cache.public",
+    "TokenCache": "kdcache.cache.tokens",
     "CachedDataset": "kdcache.data.cached",
     "ChunkSampler": "kdcache.data.cached",
     "get_loss": "kdcache.distill.api",

@@ -22,6 +22,7 @@ from kdcache.cache.spec import CacheSpec
 
 if TYPE_CHECKING:
     import torch
+    from kdcache.cache.tokens import TokenCache
 
 _CHUNKS_KEPT = 8  # verified chunks kept decoded-ready per member (random reads stay cheap)
 
@@ -244,20 +245,24 @@ def open_cache(
     storage_options: dict | None = None,
     *,
     ensemble: str = "mean-logits",
-) -> TeacherCache:
+) -> TeacherCache | TokenCache:
     """Open a complete teacher cache (local path or fsspec URL) read-only; never writes.
 
     Not a cache, an incomplete cache, or one whose arrays disagree with its own spec raises
     `KdcacheError` with the CLI's one-line message; corrupt chunks raise `CacheCorruptError`
     (a KdcacheError) when first read. A multi-teacher store (`cache merge`) opens as the
-    `ensemble` of its members."""
+    `ensemble` of its members. A token-level (causal-LM) cache opens as a `TokenCache`:
+    `.tokens(row)` -> (input_ids (T,), ids (T,K) int64, logprobs (T,K) float32, tail (T,))
+    for top-k caches, (input_ids, ids, counts (T,K) float32, None) for sampled ones."""
     from kdcache.cache.store import open_members, read_meta
 
     path = os.fspath(path_or_url)
     so = storage_options or None
     meta = read_meta(path, so)
-    # the integrator's dispatch for token-level caches (cache/tokens.py) goes here:
-    # if meta.get("kind") == "tokens": return open_token_cache(path, storage_options)
+    if meta.get("kind") == "tokens":  # a causal-LM cache: c.tokens(row), c.batch(rows)
+        from kdcache.cache.tokens import open_token_cache
+
+        return open_token_cache(path, so)
     members = open_members(path, so)
     try:
         for c in members:

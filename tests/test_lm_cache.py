@@ -60,6 +60,13 @@ def test_topk_cache_matches_teacher(tiny_lm_dir, lm_corpus, tmp_path):
         np.testing.assert_array_equal(ch["loss_mask"], c.batch_mask(range(lo, hi)))
         kl = c.attrs["kl_sample"]
         assert kl["tokens"] > 0 and kl["mean_kl"] >= 0
+        want = c.tokens(3)
+    import kdcache  # the public front door dispatches on the stored kind
+
+    with kdcache.open_cache(out) as pc:
+        assert isinstance(pc, kdcache.TokenCache) and pc.key == c.key
+        for a, b in zip(pc.tokens(3), want, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_bytes_do_not_depend_on_batch_size_and_sampled_is_seeded(tiny_lm_dir, lm_corpus, tmp_path):
