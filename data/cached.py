@@ -62,7 +62,8 @@ class CachedDataset(torch.utils.data.Dataset):
     """A torch Dataset of a cache's replayed views: item = {"input", "label",
     "teacher_logits" (float32), "row", "view"}.
 
-    `input` is the exact view the teacher saw: a uint8 (3, H, W) image, or for text a dict of
+    `input` is the exact view the teacher saw: a uint8 (3, H, W) image (float in [0, 1]
+    only for an in-RAM source whose batched policy resizes), or for text a dict of
     `input_ids` / `attention_mask` (batch them with `collate_fn=dataset.collate`). views:
     "one" (len N; one cached view per row per epoch, chosen by (seed, epoch, row)), "all"
     (len N*A; item i is row i // A, view i % A) or K (len N; K views of one decoded row,
@@ -134,15 +135,18 @@ class CachedDataset(torch.utils.data.Dataset):
         start = choose_augs(self.seed, self.epoch, [index], a)[0]
         return index, (start + np.arange(self.k)) % a
 
-    def _replay(self, row: int, params: np.ndarray):
-        from kdcache.data.loader import batched_views
+    def _batched(self, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
+        """In-RAM images: one gather + the policy's batched replay, uint8 where no resize is
+        involved (the exact bytes distill's float [0,1] views are made of), else float."""
+        raw = self.source.get(samples)
+        p = torch.from_numpy(params)
+        x = self.policy.apply_uint8(raw, p)
+        return self.policy.apply(raw, p) if x is None else x
 
+    def _replay(self, row: int, params: np.ndarray):
         sample = int(self.rows[row])
-        if self.batched:  # in-RAM images: distill's batched path (float [0,1] of uint8 bytes)
-            x = batched_views(self.source, self.policy, np.full(len(params), sample), params)
-            if self.policy.params.get("size") is None and x.dtype == torch.float32:
-                x = x.mul_(255.0).round_().to(torch.uint8)  # exact: no resize happened
-            return x
+        if self.batched:
+            return self._batched(np.full(len(params), sample), params)
         views, _ = self.maker.replay(sample, params)
         if self.collate_text is not None:
             ids = self.collate_text([views]).repeat(len(params), 1)
@@ -173,28 +177,23 @@ class CachedDataset(torch.utils.data.Dataset):
         are equal to `[self[i] for i in indices]`."""
         if self.k != 1 or getattr(self.policy, "mixes", False) or self.collate_text is not None:
             return [self[i] for i in indices]
-        from kdcache.data.loader import batched_views
-
         rows = np.asarray(indices, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"indices out of range 0..{len(self) - 1}")
         views = choose_augs(self.seed, self.epoch, rows, self.cache.num_views)
         params = np.ascontiguousarray(self.cache.view_params(rows, views), dtype=np.float32)
         if self.batched:
-            x = batched_views(self.source, self.policy, self.rows[rows], params)
-            if self.policy.params.get("size") is None and x.dtype == torch.float32:
-                x = x.mul_(255.0).round_().to(torch.uint8)
+            x = self._batched(self.rows[rows], params).unbind(0)
         else:  # decoded per row, as distill's workers do
             x = [self.maker.replay(int(self.rows[r]), params[j : j + 1])[0][0]
                  for j, r in enumerate(rows)]  # fmt: skip
-        t = torch.from_numpy(self.cache.logits_numpy(rows, views))
-        labels = self.labels[torch.from_numpy(rows)]
-        v = torch.from_numpy(views)
+        t = torch.from_numpy(self.cache.logits_numpy(rows, views)).unbind(0)
+        labels = self.labels[torch.from_numpy(rows)].unbind(0)
+        v = torch.from_numpy(views).unbind(0)
         return [
-            {"input": x[j], "label": labels[j], "teacher_logits": t[j], "row": int(rows[j]),
-             "view": v[j]}
-            for j in range(len(rows))
-        ]  # fmt: skip
+            {"input": a, "label": b, "teacher_logits": c, "row": r, "view": d}
+            for a, b, c, r, d in zip(x, labels, t, rows.tolist(), v, strict=True)
+        ]
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         """Batch items; text inputs are padded to the longest (as distill's batches are)."""

@@ -69,6 +69,11 @@ class ViewPolicyBase:
     def apply(self, raw_batch, params: torch.Tensor):
         raise NotImplementedError
 
+    def apply_uint8(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor | None:
+        """The batched views as uint8 when no resampling is involved (the exact pixels, no
+        float round trip: `kdcache.CachedDataset`); None where only `apply` can make them."""
+        return None
+
     def view(self, img, params: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
 
@@ -144,6 +149,11 @@ class Identity(ViewPolicyBase):
             return text_inputs(raw_batch, self.params["pad_id"])
         return resize(to_float(raw_batch), self.params["size"])
 
+    def apply_uint8(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor | None:
+        s = _size2(self.params["size"])
+        ok = raw_batch.dtype == torch.uint8 and (s is None or tuple(raw_batch.shape[-2:]) == s)
+        return raw_batch if ok else None
+
     def view(self, img, params=None) -> torch.Tensor:
         if "eval" in self.params:
             return eval_view(img, self.params["eval"])
@@ -199,6 +209,12 @@ class CropFlip(ViewPolicyBase):
 
     def apply(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return resize(to_float(self._crop(raw_batch, params)), self.params["size"])
+
+    def apply_uint8(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor | None:
+        s = _size2(self.params["size"])
+        if s is not None and tuple(raw_batch.shape[-2:]) != s:
+            return None
+        return self._crop(raw_batch, params)
 
     def view(self, img, params) -> torch.Tensor:
         import torchvision.transforms.functional as TF

@@ -82,6 +82,19 @@ def test_crop_flip_matches_per_image_reference():
     assert (corner[0, :, :4, :] == 0).all() and (corner[0, :, :, :4] == 0).all()
 
 
+@pytest.mark.parametrize("name", ["identity", "crop-flip"])
+def test_uint8_views_are_the_bytes_of_the_float_views(name):
+    pol = get_policy(name)
+    raw = _raw(16)
+    u = np.random.default_rng(0).random((16, pol.num_uniforms))
+    params = torch.from_numpy(pol.from_uniforms(u) if name != "identity" else
+                              np.zeros((16, 1), np.float32))  # fmt: skip
+    x = pol.apply_uint8(raw, params)
+    assert x.dtype == torch.uint8 and torch.equal(x.float().div_(255), pol.apply(raw, params))
+    assert get_policy(name, size=40).apply_uint8(raw, params) is None  # resized: float only
+    assert get_policy("rrc-flip").apply_uint8(raw, params) is None
+
+
 def test_identity_view_equals_eval_transform():
     raw = _raw(4)
     eval_view = get_policy("identity").apply(raw, torch.zeros(4, 1))
