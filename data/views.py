@@ -211,10 +211,25 @@ class CropFlip(ViewPolicyBase):
         return resize(to_float(self._crop(raw_batch, params)), self.params["size"])
 
     def apply_uint8(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor | None:
+        """`_crop`'s bytes by numpy slices: no OpenMP team in the caller's thread (a
+        DataLoader's main thread keeps its cores for the training step)."""
         s = _size2(self.params["size"])
         if s is not None and tuple(raw_batch.shape[-2:]) != s:
             return None
-        return self._crop(raw_batch, params)
+        x = raw_batch.numpy()
+        b, c, h, w = x.shape
+        pad = self.params["pad"]
+        p = np.asarray(params, dtype=np.float32).reshape(b, 3)
+        dxy = np.clip(p[:, :2].astype(np.int64), 0, 2 * pad)
+        padded = np.zeros((b, c, h + 2 * pad, w + 2 * pad), dtype=np.uint8)
+        padded[:, :, pad : pad + h, pad : pad + w] = x
+        out = np.empty_like(x)
+        for j, ((dx, dy), flip) in enumerate(
+            zip(dxy.tolist(), (p[:, 2] > 0.5).tolist(), strict=True)
+        ):
+            v = padded[j, :, dy : dy + h, dx : dx + w]
+            out[j] = v[:, :, ::-1] if flip else v
+        return torch.from_numpy(out)
 
     def view(self, img, params) -> torch.Tensor:
         import torchvision.transforms.functional as TF
