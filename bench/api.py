@@ -5,7 +5,8 @@ python bench/api.py [--n 1024] [--workers 2] [--batch-size 64] [--epochs 3]
 
 Two sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the eval view) and
 in-RAM 32x32 images (cifar100 layout, crop-flip). Goal: CachedDataset >= 0.95x distill's.
-Runs alternate (api, distill, api, distill, ...) and the best warm epoch of each counts.
+`api` = the default collate, `api+collate` = `collate_fn=ds.collate` (one shared buffer per
+batch). Runs alternate (api, api+collate, distill, ...); the best warm epoch of each counts.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _cache(work: Path, name: str, dataset: str, root: str, workers: int) -> str:
     )  # fmt: skip
 
 
-def _api_epochs(path: str, workers: int, bs: int, epochs: int) -> list[float]:
+def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool) -> list[float]:
     import kdcache
     import torch
 
@@ -53,6 +54,7 @@ def _api_epochs(path: str, workers: int, bs: int, epochs: int) -> list[float]:
     dl = torch.utils.data.DataLoader(
         ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=False,
         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+        collate_fn=ds.collate if packed else None,
     )  # fmt: skip
     rates = []
     for e in range(epochs):
@@ -101,17 +103,19 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print(f"{'source':<12} {'api/s':>9} {'distill/s':>10} {'api/distill':>12}")
+        print(f"{'source':<12} {'api/s':>9} {'api+collate/s':>14} {'distill/s':>10} "
+              f"{'api/distill':>12} {'api+collate/distill':>20}")  # fmt: skip
         for name, (dataset, root) in _data(work, args.n).items():
             path = _cache(work, name, dataset, root, args.workers)
-            api, dist = [], []
+            api, packed, dist = [], [], []
+            w, bs, ep = args.workers, args.batch_size, args.epochs
             for _ in range(args.rounds):  # alternate; warm epochs (after the first) count
-                api += _api_epochs(path, args.workers, args.batch_size, args.epochs)[1:]
-                dist += _distill_epochs(
-                    path, dataset, root, args.workers, args.batch_size, args.epochs
-                )[1:]
-            a, d = max(api), max(dist)
-            print(f"{name:<12} {a:>9.0f} {d:>10.0f} {a / d:>12.2f}", flush=True)
+                api += _api_epochs(path, w, bs, ep, False)[1:]
+                packed += _api_epochs(path, w, bs, ep, True)[1:]
+                dist += _distill_epochs(path, dataset, root, w, bs, ep)[1:]
+            a, p, d = max(api), max(packed), max(dist)
+            print(f"{name:<12} {a:>9.0f} {p:>14.0f} {d:>10.0f} {a / d:>12.2f} {p / d:>20.2f}",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -198,9 +198,12 @@ class CachedDataset(torch.utils.data.Dataset):
         ]
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
-        """Batch items; text inputs are padded to the longest (as distill's batches are)."""
+        """Batch items (`DataLoader(ds, collate_fn=ds.collate)`). Images: default_collate's
+        batch, every tensor a view of one buffer, so a worker process hands the batch over
+        with one shared-memory file descriptor instead of one per key. Text: inputs padded
+        to the longest (as distill's batches are)."""
         if self.collate_text is None:
-            return torch.utils.data.default_collate(items)
+            return packed_collate(items)
         out = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "input"}
                                                 for it in items])  # fmt: skip
         for key in items[0]["input"]:
@@ -214,6 +217,26 @@ class CachedDataset(torch.utils.data.Dataset):
                 [p.reshape(*s.shape[:-1], length) for p, s in zip(padded, seqs, strict=True)]
             )
         return out
+
+
+def packed_collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """default_collate for dicts of tensors/numbers, the stacked tensors laid out in ONE
+    uint8 buffer (64-byte aligned views; in shared memory inside a DataLoader worker)."""
+    cols = {k: [torch.as_tensor(it[k]) for it in items] for k in items[0]}
+    layout, size = {}, 0
+    for k, v in cols.items():
+        shape, dt = (len(v), *v[0].shape), v[0].dtype
+        nbytes = math.prod(shape) * dt.itemsize
+        layout[k] = (size, shape, dt, nbytes)
+        size += -(-nbytes // 64) * 64
+    buf = torch.empty(size, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        buf.share_memory_()
+    out = {}
+    for k, (off, shape, dt, nbytes) in layout.items():
+        out[k] = buf[off : off + nbytes].view(dt).view(shape)
+        torch.stack(cols[k], out=out[k])
+    return out
 
 
 class ChunkSampler(torch.utils.data.Sampler):

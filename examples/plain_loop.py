@@ -35,7 +35,7 @@ def main(argv=None) -> float:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     loader = torch.utils.data.DataLoader(
         train, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed), collate_fn=train.collate,
     )  # fmt: skip
     for epoch in range(args.epochs):
         train.set_epoch(epoch)  # the cached view of each row this epoch

@@ -42,6 +42,7 @@ def main(argv=None) -> dict:
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, num_workers=args.workers,
         sampler=kdcache.ChunkSampler(data, seed=args.seed),  # chunk-local reads, rank-sharded
+        collate_fn=data.collate,  # one shared buffer per batch from each worker
     )  # fmt: skip
     for epoch in range(epochs):
         data.set_epoch(epoch)

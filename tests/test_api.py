@@ -214,6 +214,18 @@ def test_getitems_equals_getitem(cache_path):
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
 
 
+def test_collate_is_default_collate_in_one_buffer(cache_path):
+    ds = kdcache.CachedDataset(cache_path, seed=1, views="all")
+    want = torch.utils.data.default_collate(ds.__getitems__(list(range(8))))
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1, collate_fn=ds.collate)
+    got = next(iter(loader))  # made in a worker process, sent through shared memory
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    ptrs = {got[k].untyped_storage().data_ptr() for k in got}
+    assert len(ptrs) == 1  # one storage: one file descriptor per batch
+
+
 def test_imagefolder_items_are_the_teachers_views(tmp_path, make_imagefolder):
     from kdcache.data.datasets import load_dataset
 
