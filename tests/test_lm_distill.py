@@ -123,3 +123,66 @@ def test_collate_keeps_positions_whose_next_token_counts():
     assert b["keep"].tolist() == [[True, False, False], [True, False, False]]
     assert b["labels"].tolist() == [6, 9]
     assert b["targets"].ids.tolist() == [[0, 1], [6, 7]]  # tokens 0 and 3 (flat) predict
+
+
+def _weights(out):
+    import torch
+
+    return torch.load(out / "last.pt", weights_only=True)["model"]
+
+
+def test_killed_run_resumes_to_the_same_weights(lm_setup, tmp_path):
+    """--max-steps 4 (one epoch of 4 steps) stops after epoch 0 (as a kill after its checkpoint); --resume finishes it.
+    The student has dropout: each epoch's masks come from (seed, epoch), not from the past."""
+    import torch
+
+    cache = lm_setup["caches"]["topk"]
+    _distill(lm_setup, cache, tmp_path / "straight", "--epochs", 2)
+    _distill(lm_setup, cache, tmp_path / "killed", "--epochs", 2, "--max-steps", 4)
+    assert [r["epoch"] for r in _records(tmp_path / "killed")] == [0]
+    _distill(lm_setup, cache, tmp_path / "killed", "--epochs", 2, "--resume")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("epoch_seconds", "tokens_per_s")
+    ra, rb = (
+        [{k: v for k, v in r.items() if k not in drop} for r in _records(tmp_path / d)]
+        for d in ("straight", "killed")
+    )
+    assert ra == rb and len(ra) == 2
+
+
+def test_ddp_two_ranks_equal_one_process(lm_setup, tmp_path):
+    """torchrun 2 ranks = 1 process with the same global batch (no dropout: its masks are
+    drawn per rank). Rows of uneven token counts per rank, and a last global batch of one row,
+    so rank 1 has an empty share there."""
+    import torch
+    from kdcache.cache.tokens import open_token_cache
+    from transformers import GPT2Config
+
+    from tests.clitools import torchrun
+
+    student = tmp_path / "nodrop"
+    GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+               embd_pdrop=0.0, attn_pdrop=0.0).save_pretrained(student)  # fmt: skip
+    with open_token_cache(str(lm_setup["caches"]["topk"])) as c:
+        n = len(c)
+    bs = next(b for b in range(4, n) if n % b == 1)  # the last global batch: one row
+    args = ["distill", "--student", f"hf:{student}", "--cache", lm_setup["caches"]["topk"],
+            "--loss", "kd", "--dataset", "text", "--data-root", lm_setup["data"], "--optimizer",
+            "adamw", "--lr", "1e-2", "--schedule", "constant", "--batch-size", bs, "--epochs",
+            1, "--device", "cpu"]  # fmt: skip
+    cli(*args, "--out", tmp_path / "one")
+    p = torchrun(2, *args, "--out", tmp_path / "two")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("done: epoch 1") == 1, p.stdout  # rank 0 reports, once
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [r["epoch"] for r in two] == [0]  # written once, by rank 0
+    for a, b in zip(one, two, strict=True):
+        assert a["step"] == b["step"] == -(-n // bs)
+        assert a["tokens"] == b["tokens"] and a["test_tokens"] == b["test_tokens"]
+        for k in ("loss", "ce", "kd", "test_loss", "test_ppl"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "two" / "hf" / "config.json").exists()
