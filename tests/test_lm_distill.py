@@ -132,8 +132,9 @@ def _weights(out):
 
 
 def test_killed_run_resumes_to_the_same_weights(lm_setup, tmp_path):
-    """--max-steps 4 (one epoch of 4 steps) stops after epoch 0 (as a kill after its checkpoint); --resume finishes it.
-    The student has dropout: each epoch's masks come from (seed, epoch), not from the past."""
+    """--max-steps 4 (one epoch of 4 steps) stops after epoch 0, as a kill after its checkpoint;
+    --resume finishes it. The student has dropout: each epoch's masks come from (seed, epoch),
+    not from the RNG's past."""
     import torch
 
     cache = lm_setup["caches"]["topk"]
