@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
+from kdcache.cache.errors import KdcacheError
 from kdcache.distill.lmdata import Flat, collate
+from kdcache.distill.study import parse_grid
 
 from tests.clitools import cli
 
@@ -187,3 +190,74 @@ def test_ddp_two_ranks_equal_one_process(lm_setup, tmp_path):
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "two" / "hf" / "config.json").exists()
+
+
+def _lm_study(s, out, **kw):
+    from kdcache.distill.study import StudySpec
+
+    distill = {"dataset": "text", "data_root": str(s["data"]), "epochs": 1,
+               "batch_size": 8, "optimizer": "adamw", "lr": 1e-2, "device": "cpu"}  # fmt: skip
+    base = dict(out=str(out), losses=["ce", "kd"], seeds=[0, 1],
+                students=[f"hf:{s['student']}"], cache=str(s["caches"]["topk"]),
+                distill=distill)  # fmt: skip
+    return StudySpec(**{**base, **kw})
+
+
+def test_study_on_a_token_cache_reports_held_out_perplexity(lm_setup, tmp_path):
+    """ce and kd x 2 seeds through the CLI: test_ppl per run, means, paired stats (lower wins)."""
+    out = tmp_path / "st"
+    res = cli("study", "--cache", lm_setup["caches"]["topk"], "--losses", "ce,kd", "--seeds",
+              "0,1", "--students", f"hf:{lm_setup['student']}", "--dataset", "text",
+              "--data-root", lm_setup["data"], "--epochs", 1, "--batch-size", 8, "--lr", "1e-2",
+              "--schedule", "constant", "--set", 'optimizer="adamw"', "--device", "cpu",
+              "--jobs", 2, "--out", out)  # fmt: skip
+    assert "Held-out perplexity (`test_ppl`, lower is better)" in res.output
+    assert "test_ppl mean ± std" in res.output
+    rep = json.loads((out / "study.json").read_text())
+    assert rep["metric"] == "test_ppl" and rep["better"] == "lower"
+    runs = {(r["variant"], r["seed"]): r for r in rep["runs"]}
+    assert set(runs) == {(v, s) for v in ("ce", "kd") for s in (0, 1)}
+    for r in runs.values():  # each run's result is its final epoch's held-out perplexity
+        assert r["test_ppl"] == pytest.approx(math.exp(r["test_loss"]), rel=1e-5)
+    summ = {x["variant"]: x for x in rep["summary"]}
+    ppl = {v: [runs[(v, s)]["test_ppl"] for s in (0, 1)] for v in ("ce", "kd")}
+    assert summ["kd"]["n"] == 2 and summ["kd"]["mean"] == pytest.approx(np.mean(ppl["kd"]))
+    assert summ["ce"]["std"] == pytest.approx(np.std(ppl["ce"], ddof=1))
+    (c,) = rep["comparisons"]
+    d = np.subtract(ppl["kd"], ppl["ce"])
+    assert (c["a"], c["b"], c["n"]) == ("kd", "ce", 2)
+    assert c["mean_diff"] == pytest.approx(d.mean()) and c["wins"] == int((d < 0).sum())
+    assert c["p_ttest"] is None or 0 <= c["p_ttest"] <= 1
+    assert (out / "study.csv").exists() and (out / "study_comparisons.csv").exists()
+
+
+def test_lm_study_plans_grids_and_refuses_before_launching(lm_setup, tmp_path):
+    from kdcache.distill.study import plan, run_config, run_study
+
+    spec = _lm_study(lm_setup, tmp_path / "g", hparam_grid=parse_grid(["kd:T=1,2", "alpha=0.3"]))
+    runs = plan(spec)
+    assert spec.task == "lm"
+    assert sorted({r.variant for r in runs}) == ["ce", "kd[T=1,alpha=0.3]", "kd[T=2,alpha=0.3]"]
+    hp = {r.variant: run_config(spec, r)["hparams"] for r in runs}
+    assert hp["ce"] == {} and hp["kd[T=2,alpha=0.3]"] == {"T": 2, "alpha": 0.3}
+    cases = {
+        "wsl": (dict(losses=["ce", "wsl"]), "--losses wsl: not a loss for language-model"),
+        "lsr": (dict(losses=["lsr"]), "--losses lsr: not a loss for language-model"),
+        "T": (dict(hparam_grid=parse_grid(["kd:T=0"])), "T=0, expected a number > 0"),
+        "student": (dict(students=["resnet8"]), "--students 'resnet8' is not a causal"),
+        "no-cache": (dict(cache=None), "--losses kd needs the teacher's targets"),
+        "held-out": (
+            dict(distill={"dataset": "text", "data_root": str(tmp_path / "none")}),
+            "held-out split",
+        ),  # fmt: skip
+        "none": (dict(distill={"test_split": "none"}), "reports the held-out perplexity"),
+        "ema": (
+            dict(distill={"ema": True, "data_root": str(lm_setup["data"]), "dataset": "text"}),
+            "--ema is not supported",
+        ),  # fmt: skip
+    }
+    for case, (kw, expect) in cases.items():
+        out = tmp_path / case
+        with pytest.raises(KdcacheError, match=re.escape(expect)):
+            run_study(_lm_study(lm_setup, out, **kw))
+        assert not out.exists(), case  # refused before anything was launched or written
