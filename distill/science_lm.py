@@ -171,7 +171,7 @@ def report(out: Path, rows: list[dict], caches: dict, teacher: dict, vocab: int)
         v = s["variant"]
         c = comps.get(v)
         diff = "–" if c is None else f"{c['mean_diff']:+.3f}"
-        wins = "–" if c is None else f"{s['n'] - c['wins'] - c['ties']}/{c['n']} lower"
+        wins = "–" if c is None else f"{c['wins']}/{c['n']} lower"  # test_ppl: a win is lower
         p = "–" if c is None or math.isnan(c["p_ttest"]) else f"{c['p_ttest']:.3g}"
         st = store.get(v.replace("kd-", ""))
         b = ("–", "–", "–") if st is None else (

@@ -133,6 +133,11 @@ def _check_hparams(spec: StudySpec, loss: str, hp: dict) -> None:
         raise KdcacheError(f"--hparam: {e}") from None
 
 
+def _student_dir(student: str) -> str:
+    """The student's folder name: a path (hf:./models/lm) flattened to one safe component."""
+    return _slug(student) if "/" in student or "\\" in student else student
+
+
 def plan(spec: StudySpec) -> list[PlannedRun]:
     """Every (student, loss variant, seed) run, with hyper-parameters checked up front."""
     from kdcache.distill.study_lm import study_task
@@ -168,7 +173,8 @@ def plan(spec: StudySpec) -> list[PlannedRun]:
             label = variant_label(loss, hp)
             for student in spec.students:
                 for seed in spec.seeds:
-                    d = Path(spec.out) / "runs" / _slug(student) / _slug(label) / f"seed{seed}"
+                    d = Path(spec.out) / "runs" / _student_dir(student) / _slug(label)
+                    d = d / f"seed{seed}"
                     runs.append(PlannedRun(student, label, loss, hp, seed, d))
     return runs
 

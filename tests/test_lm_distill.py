@@ -261,3 +261,26 @@ def test_lm_study_plans_grids_and_refuses_before_launching(lm_setup, tmp_path):
         with pytest.raises(KdcacheError, match=re.escape(expect)):
             run_study(_lm_study(lm_setup, out, **kw))
         assert not out.exists(), case  # refused before anything was launched or written
+
+
+def test_perplexity_report_counts_lower_as_a_win(tmp_path):
+    from kdcache.distill.science_lm import report
+    from kdcache.distill.study_stats import paired, write_report
+
+    ce, kd = [150.0, 160.0, 170.0], [140.0, 161.0, 152.0]  # kd lower on seeds 0 and 2
+    rows = [{"student": "s", "variant": v, "seed": i, "test_ppl": p}
+            for v, ps in (("ce", ce), ("kd", kd)) for i, p in enumerate(ps)]  # fmt: skip
+    c = paired(rows, "kd", "ce", "s", "test_ppl")
+    assert (c["wins"], c["ties"], c["n"]) == (2, 0, 3) and c["mean_diff"] == pytest.approx(-9.0)
+    assert paired(rows, "ce", "kd", "s", "test_ppl")["wins"] == 1
+    r = write_report(rows, tmp_path, "lm", "ce", [], "test_ppl")
+    assert "| s | kd − ce | 3 | -9.0000 | 2 / 0 / 3 |" in r["markdown"]
+    assert "| s | ce | 3 | 160.0000 ± 10.0000 | 150.0000 | 170.0000 |" in r["markdown"]
+    assert json.loads((tmp_path / "lm.json").read_text())["better"] == "lower"
+    sci = [{**x, "student": "gpt2-1x32", "variant": "kd-top16" if x["variant"] == "kd" else "ce"}
+           for x in rows]  # fmt: skip
+    report(tmp_path, sci, {}, {"test_ppl": 97.0}, 512)  # make science-lm's table
+    assert (
+        "| kd-top16 | 151.000 ± 10.536 (n=3) | -9.000 | 2/3 lower |"
+        in (tmp_path / "report.md").read_text()
+    )
