@@ -271,10 +271,9 @@ def run_study(spec: StudySpec) -> dict:
     if spec.jobs < 0:
         raise KdcacheError(f"--jobs {spec.jobs}: expected >= 0 (0: one per core)")
     if spec.task == "lm":
-        from kdcache.distill.config import DistillConfig
-        from kdcache.distill.study_lm import check_lm_config
+        from kdcache.distill.study_lm import check_lm_study
 
-        check_lm_config(DistillConfig(**run_config(spec, runs[0])), read=True)
+        check_lm_study(spec, run_config(spec, runs[0]))
     todo = _pending(spec, runs)
     jobs = min(spec.jobs or cores(), max(1, len(todo)))
     threads = max(1, cores() // jobs)

@@ -102,3 +102,38 @@ def check_lm_config(cfg, read: bool = False) -> None:
     if first is None:
         raise KdcacheError(f"held-out split {cfg.test_split!r} of --dataset {cfg.dataset} is "
                            "empty; expected text rows")  # fmt: skip
+
+
+def check_lm_study(spec, cfg: dict) -> None:
+    """Once per LM study, before launching: the held-out split reads, the students share the
+    caches' tokenizer. `cfg`: one planned run's config (they differ in loss and seed only)."""
+    from kdcache.distill.config import DistillConfig
+
+    check_lm_config(DistillConfig(**cfg), read=True)
+    caches = [c for c in [spec.cache, *spec.loss_cache.values()] if c]
+    check_students(spec.students, caches, spec.distill.get("storage_options") or None)
+
+
+def check_students(students: list[str], caches: list[str], storage: dict | None) -> None:
+    """Every student shares each token cache's tokenizer (checked from the students' config and
+    tokenizer files, without loading their weights)."""
+    import os
+
+    from kdcache.cache.tokens import open_token_cache
+    from kdcache.distill.lmsetup import tokenizer_mismatch
+    from kdcache.models.lmstudent import _TOKENIZER_FILES
+    from transformers import AutoConfig, AutoTokenizer
+
+    for path in dict.fromkeys(caches):
+        with open_token_cache(path, storage) as cache:
+            tok = AutoTokenizer.from_pretrained(cache.tokenizer_dir())
+            for student in students:
+                d = os.path.expanduser(student[3:])
+                own = None
+                if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f))
+                                            for f in _TOKENIZER_FILES):  # fmt: skip
+                    own = AutoTokenizer.from_pretrained(d)
+                vocab = int(AutoConfig.from_pretrained(d).vocab_size)
+                bad = tokenizer_mismatch(student, own, vocab, cache, tok)
+                if bad is not None:
+                    raise KdcacheError(bad)

@@ -233,6 +233,7 @@ def test_study_on_a_token_cache_reports_held_out_perplexity(lm_setup, tmp_path):
 
 def test_lm_study_plans_grids_and_refuses_before_launching(lm_setup, tmp_path):
     from kdcache.distill.study import plan, run_config, run_study
+    from transformers import GPT2Config
 
     spec = _lm_study(lm_setup, tmp_path / "g", hparam_grid=parse_grid(["kd:T=1,2", "alpha=0.3"]))
     runs = plan(spec)
@@ -256,6 +257,14 @@ def test_lm_study_plans_grids_and_refuses_before_launching(lm_setup, tmp_path):
             "--ema is not supported",
         ),  # fmt: skip
     }
+    from tests.lmtools import make_tokenizer
+
+    other = tmp_path / "other-tok"
+    make_tokenizer(other, vocab_size=280, chat=False)
+    GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2).save_pretrained(
+        other
+    )
+    cases["tokenizer"] = (dict(students=[f"hf:{other}"]), "do not share a tokenizer")
     for case, (kw, expect) in cases.items():
         out = tmp_path / case
         with pytest.raises(KdcacheError, match=re.escape(expect)):
