@@ -115,7 +115,7 @@ def storage(path: Path, k: int, vocab: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/science-lm")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--max-files", type=int, default=30)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--max-length", type=int, default=64)
