@@ -49,8 +49,9 @@ clean:
 	rm -rf $(VENV) runs .pytest_cache
 
 # Token caches: a small GPT-2 teacher on the stdlib's docstrings, cached as top-k 16/64 and
-# sampled-64, students with CE vs KD, 3 seeds, paired (README "Distilling a language-model
-# student"). Resumable. SCIENCE_LM_OUT=/some/dir make science-lm to write elsewhere.
+# sampled-64, students with CE vs KD through `kdcache study`, 10 seeds, paired (README
+# "Distilling a language-model student"). Resumable. SCIENCE_LM_OUT=/some/dir make science-lm
+# to write elsewhere.
 SCIENCE_LM_OUT ?= runs/science-lm
 science-lm: $(STAMP)
 	$(PY) -m kdcache.distill.science_lm --out $(SCIENCE_LM_OUT)

@@ -33,10 +33,25 @@ log = logging.getLogger(__name__)
 def _sum_ranks(rt: Runtime, d: dict) -> dict:
     if not rt.distributed:
         return d
-    keys = sorted(d)
-    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
+    keys = sorted(d)  # on the device: nccl reduces CUDA tensors only
+    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _global_count(rt: Runtime, n: int) -> int:
+    """The kept tokens of the whole global batch (every rank's)."""
+    if not rt.distributed:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=rt.device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Dropout's RNG seed for one epoch of one rank: a resumed run draws the same masks."""
+    rng = np.random.Generator(np.random.Philox(key=[int(seed) & (2**64 - 1), int(epoch)]))
+    return int(rng.integers(0, 2**62, size=rank + 1)[rank])
 
 
 def _forward(model, b: dict, device: torch.device, amp: bool) -> torch.Tensor:
@@ -50,23 +65,37 @@ def _forward(model, b: dict, device: torch.device, amp: bool) -> torch.Tensor:
 
 def train_lm_epoch(r: LMRun, ddp, opt, cfg: DistillConfig, rt: Runtime, epoch: int, step: int,
                    warmup_steps: int):  # fmt: skip
-    """One epoch; returns (sums of token-weighted terms + tokens, seconds, the new step)."""
+    """One epoch; returns (sums of token-weighted terms + tokens, seconds, the new step).
+
+    Under DDP each rank takes its share of a global batch (`rank_batches`) and its loss, a
+    mean over its own kept tokens, is weighted by world · n_rank / n_global: DDP's gradient
+    average is then the token mean over the whole global batch, as one process computes it.
+    A rank whose share is empty (or has no kept token) still runs forward/backward with weight
+    0, so every rank takes part in every gradient all-reduce."""
     ddp.train()
     device = rt.device
+    torch.manual_seed(_epoch_seed(cfg.seed, epoch, rt.rank))
     sums: dict[str, torch.Tensor] = {}
     tokens, t0 = 0, time.perf_counter()
     order = epoch_order(len(r.train), cfg.seed, epoch)
-    for rows in rank_batches(order, cfg.batch_size, rt.rank, rt.world_size):
+    for rows, first in rank_batches(order, cfg.batch_size, rt.rank, rt.world_size, True):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
-        b = collate(r.train.fetch(rows))
-        n = int(b["keep"].sum())
-        if n == 0:
+        b = collate(r.train.fetch(rows if len(rows) else first))
+        n = int(b["keep"].sum()) if len(rows) else 0
+        total = _global_count(rt, n)
+        if total == 0:  # no rank has a token to learn from: skip the step everywhere
             continue
         s = _forward(ddp, b, device, cfg.amp)
-        t = None if b["targets"] is None else b["targets"].to(device)
-        out = r.loss_fn(s, b["labels"].to(device, non_blocking=True), t)
-        out["loss"].backward()
+        if n == 0:
+            (s.sum() * 0.0).backward()  # this rank's zero share of the all-reduce
+        else:
+            t = None if b["targets"] is None else b["targets"].to(device)
+            out = r.loss_fn(s, b["labels"].to(device, non_blocking=True), t)
+            (out["loss"] * (rt.world_size * n / total)).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v.detach() * n
+            tokens += n
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.clip_grad)
         base = [g["lr"] for g in opt.param_groups]
@@ -78,9 +107,6 @@ def train_lm_epoch(r: LMRun, ddp, opt, cfg: DistillConfig, rt: Runtime, epoch: i
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         step += 1
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v.detach() * n
-        tokens += n
     host = {k: float(v) for k, v in sums.items()}
     host["tokens"] = float(tokens)
     return host, time.perf_counter() - t0, step

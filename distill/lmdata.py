@@ -134,9 +134,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def rank_batches(order: np.ndarray, batch_size: int, rank: int, world: int):
-    """Global batches of ``batch_size`` rows; each rank takes every world-th row of each."""
+def rank_batches(order: np.ndarray, batch_size: int, rank: int, world: int,
+                 with_empty: bool = False):  # fmt: skip
+    """Global batches of ``batch_size`` rows; each rank takes every world-th row of each.
+    ``with_empty``: yield ``(rows, first row of the global batch)`` for every global batch,
+    ``rows`` possibly empty (a short last batch), so all ranks step together under DDP."""
     for i in range(0, len(order), batch_size):
-        rows = order[i : i + batch_size][rank::world]
-        if len(rows):
+        batch = order[i : i + batch_size]
+        rows = batch[rank::world]
+        if with_empty:
+            yield rows, batch[:1]
+        elif len(rows):
             yield rows

@@ -75,7 +75,6 @@ def _corpus(cfg: DistillConfig, split: str, tok, max_length: int, vocab: int, li
 
 def _tokenizer(cfg: DistillConfig, cache, info: dict):
     """The cache's tokenizer (the student's own must be the same), or the student's."""
-    from kdcache.models.lmstudent import same_tokenizer
     from transformers import AutoTokenizer
 
     own = AutoTokenizer.from_pretrained(info["tokenizer_dir"]) if info["tokenizer_dir"] else None
@@ -85,16 +84,27 @@ def _tokenizer(cfg: DistillConfig, cache, info: dict):
                                "without a token cache needs the student's tokenizer")  # fmt: skip
         return own
     tok = AutoTokenizer.from_pretrained(cache.tokenizer_dir())
-    teacher = (cache.spec.get("teacher") or {}).get("name", "?")
-    why = None if own is None else same_tokenizer(own, tok)
-    if why is None and info["vocab_size"] < cache.vocab_size:
-        why = f"its vocabulary has {info['vocab_size']} ids, the cache's {cache.vocab_size}"
-    if why is not None:
-        raise KdcacheError(
-            f"student {cfg.student!r} and the cache's teacher {teacher!r} do not share a "
-            f"tokenizer ({why}); a token cache trains students on the teacher's tokenizer"
-        )
+    bad = tokenizer_mismatch(cfg.student, own, info["vocab_size"], cache, tok)
+    if bad is not None:
+        raise KdcacheError(bad)
     return tok
+
+
+def tokenizer_mismatch(student: str, own, vocab_size: int, cache, tok) -> str | None:
+    """Why `student` (its own tokenizer or None, its vocabulary size) cannot train on the
+    cache's tokenizer `tok`, as one error message; None when it can."""
+    from kdcache.models.lmstudent import same_tokenizer
+
+    why = None if own is None else same_tokenizer(own, tok)
+    if why is None and vocab_size < cache.vocab_size:
+        why = f"its vocabulary has {vocab_size} ids, the cache's {cache.vocab_size}"
+    if why is None:
+        return None
+    teacher = (cache.spec.get("teacher") or {}).get("name", "?")
+    return (
+        f"student {student!r} and the cache's teacher {teacher!r} do not share a "
+        f"tokenizer ({why}); a token cache trains students on the teacher's tokenizer"
+    )
 
 
 def _check_dataset(cfg: DistillConfig, cache, tok) -> None:

@@ -5,10 +5,10 @@ file, split BY FILE into train and held-out (sha256 of the file name; determinis
 A byte-level BPE tokenizer is trained on the train split, a small GPT-2 teacher is trained with
 plain CE (`kdcache distill` without a cache), cached as top-k 16, top-k 64 and sampled-64, and
 a smaller student is trained with CE only and with KD from each cache, several seeds each, all
-through the real CLI. Paired statistics (same seed = same init and batch order) on held-out
-perplexity; the report (Markdown + JSON) also gives each storage's bytes per token against
-dense fp16 and Megatron-LM's format (K fp16 log-probs + 17-bit ids). Resumable: rerun the same
-command; finished steps are skipped.
+through the real CLI (`kdcache study` for the students). Paired statistics (same seed = same
+init and batch order) on held-out perplexity; the report (Markdown + JSON) also gives each
+storage's bytes per token against dense fp16 and Megatron-LM's format (K fp16 log-probs +
+17-bit ids). Resumable: rerun the same command; finished steps are skipped.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def make_models(out: Path, vocab: int, length: int) -> None:
 
 
 def train(out: Path, student: str, run: Path, epochs: int, seed: int, *extra: str) -> dict:
+    """The teacher: plain CE training of `student` on the corpus (resumable)."""
     if not (run / "hf").exists():
         cli("distill", "--student", f"hf:{student}", "--dataset", "text", "--data-root",
             str(out / "corpus"), "--epochs", str(epochs), "--batch-size", "16", "--optimizer",
@@ -114,13 +115,13 @@ def storage(path: Path, k: int, vocab: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/science-lm")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--max-files", type=int, default=30)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--teacher-epochs", type=int, default=3)
     ap.add_argument("--student-epochs", type=int, default=1)
-    ap.add_argument("--jobs", type=int, default=1, help="Student runs at once.")
+    ap.add_argument("--jobs", type=int, default=0, help="Runs at once per study (0: per core).")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     if not (out / "student-init" / "config.json").exists():
@@ -136,24 +137,30 @@ def main() -> None:
         cli("precompute", "--teacher", f"hf:{out / 'teacher' / 'hf'}", "--dataset", "text",
             "--data-root", str(out / "corpus"), "--max-length", L, "--batch-size", "32",
             "--chunk-samples", "64", *opt, "--out", str(caches[name]))  # fmt: skip
-    student = str(out / "student-init")
-    jobs = []  # (variant, seed, run dir, extra options)
-    for seed in range(a.seeds):
-        jobs.append(("ce", seed, out / "students" / f"ce-s{seed}", ("--max-length", L)))
-        for name, path in caches.items():
-            extra = ("--cache", str(path), "--loss", "kd")
-            jobs.append((f"kd-{name}", seed, out / "students" / f"kd-{name}-s{seed}", extra))
-
-    def one(job):
-        variant, seed, run, extra = job
-        r = train(out, student, run, a.student_epochs, seed, *extra)
-        return {"student": "gpt2-1x32", "variant": variant, "seed": seed, **r}
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max(1, a.jobs)) as pool:  # each job is its own CLI process
-        rows = list(pool.map(one, jobs))
+    rows = students(out, caches, a, L)
     report(out, rows, caches, teacher, a.vocab)
+
+
+def students(out: Path, caches: dict, a, length: str) -> list[dict]:
+    """The students through `kdcache study`: one study of the CE student (no cache: plain LM
+    training on the corpus windows) and one `--losses kd` study per cache. A study per
+    (ce, kd) pair would train the same CE student three times; the paired statistics are
+    computed on the pooled rows instead (same seed = same init and batch order in every study).
+    Each study is resumable on its own (`OUT/studies/VARIANT`)."""
+    studies = {"ce": ["--losses", "ce", "--set", f"max_length={length}"]}
+    for name, path in caches.items():
+        studies[f"kd-{name}"] = ["--losses", "kd", "--cache", str(path)]
+    common = ["--students", f"hf:{out / 'student-init'}", "--seeds", f"0-{a.seeds - 1}",
+              "--dataset", "text", "--data-root", str(out / "corpus"), "--epochs",
+              str(a.student_epochs), "--batch-size", "16", "--lr", "3e-3", "--weight-decay",
+              "0.01", "--schedule", "cosine", "--set", 'optimizer="adamw"',
+              "--jobs", str(a.jobs)]  # fmt: skip
+    rows = []
+    for variant, opts in studies.items():
+        cli("study", *opts, *common, "--out", str(out / "studies" / variant))
+        doc = json.loads((out / "studies" / variant / "study.json").read_text())
+        rows += [{**r, "student": "gpt2-1x32", "variant": variant} for r in doc["runs"]]
+    return rows
 
 
 def report(out: Path, rows: list[dict], caches: dict, teacher: dict, vocab: int) -> None:
@@ -171,7 +178,7 @@ def report(out: Path, rows: list[dict], caches: dict, teacher: dict, vocab: int)
         v = s["variant"]
         c = comps.get(v)
         diff = "–" if c is None else f"{c['mean_diff']:+.3f}"
-        wins = "–" if c is None else f"{s['n'] - c['wins'] - c['ties']}/{c['n']} lower"
+        wins = "–" if c is None else f"{c['wins']}/{c['n']} lower"  # test_ppl: a win is lower
         p = "–" if c is None or math.isnan(c["p_ttest"]) else f"{c['p_ttest']:.3g}"
         st = store.get(v.replace("kd-", ""))
         b = ("–", "–", "–") if st is None else (

@@ -44,6 +44,7 @@ class StudySpec:
     jobs: int = 0  # 0: one per core
     name: str = "study"
     distill: dict = field(default_factory=dict)  # DistillConfig fields shared by all runs
+    task: str | None = None  # "classifier" | "lm" (token caches); set by plan()
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,40 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label).strip("_")
 
 
+def _loss_info(spec: StudySpec, loss: str) -> tuple[dict, bool]:
+    """(default hyper-parameters, needs teacher targets) from the study's loss registry."""
+    from kdcache.distill.losses import loss_defaults, loss_needs_cache
+    from kdcache.distill.study_lm import lm_loss_defaults
+
+    if spec.task == "lm":
+        return lm_loss_defaults(loss)
+    try:
+        return loss_defaults(loss), loss_needs_cache(loss)
+    except ValueError as e:
+        raise KdcacheError(f"--losses: {e}") from None
+
+
+def _check_hparams(spec: StudySpec, loss: str, hp: dict) -> None:
+    from kdcache.distill.losses import check_hparams
+    from kdcache.distill.study_lm import check_lm_hparams
+
+    if spec.task == "lm":
+        check_lm_hparams(loss, hp)
+        return
+    try:
+        check_hparams(loss, hp)
+    except ValueError as e:
+        raise KdcacheError(f"--hparam: {e}") from None
+
+
+def _student_dir(student: str) -> str:
+    """The student's folder name: a path (hf:./models/lm) flattened to one safe component."""
+    return _slug(student) if "/" in student or "\\" in student else student
+
+
 def plan(spec: StudySpec) -> list[PlannedRun]:
     """Every (student, loss variant, seed) run, with hyper-parameters checked up front."""
-    from kdcache.distill.losses import check_hparams, loss_defaults, loss_needs_cache
+    from kdcache.distill.study_lm import study_task
 
     runs = []
     if not spec.losses:
@@ -119,13 +151,15 @@ def plan(spec: StudySpec) -> list[PlannedRun]:
     unknown = set(spec.loss_cache) - set(spec.losses)
     if unknown:
         raise KdcacheError(f"--loss-cache names loss {sorted(unknown)[0]!r}, not in --losses")
+    if spec.task is None:
+        spec.task = study_task(spec)
     for loss in spec.losses:
-        try:
-            defaults = loss_defaults(loss)
-        except ValueError as e:
-            raise KdcacheError(f"--losses: {e}") from None
+        defaults, needs_cache = _loss_info(spec, loss)
         online = bool(spec.distill.get("teacher")) and loss != "mrkd"  # --set teacher=NAME
-        if loss_needs_cache(loss) and not spec.loss_cache.get(loss, spec.cache) and not online:
+        if spec.task == "lm" and needs_cache and not spec.loss_cache.get(loss, spec.cache):
+            raise KdcacheError(f"--losses {loss} needs the teacher's targets: give --cache PATH "
+                               f"(a token cache) or --loss-cache {loss}=PATH")  # fmt: skip
+        if needs_cache and not spec.loss_cache.get(loss, spec.cache) and not online:
             raise KdcacheError(
                 f"--losses {loss} needs teacher logits: give --cache PATH "
                 "(or --set teacher='\"NAME\"' for online KD)"
@@ -135,14 +169,12 @@ def plan(spec: StudySpec) -> list[PlannedRun]:
         keys = sorted(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
             hp = dict(zip(keys, combo, strict=True))
-            try:
-                check_hparams(loss, hp)
-            except ValueError as e:
-                raise KdcacheError(f"--hparam: {e}") from None
+            _check_hparams(spec, loss, hp)
             label = variant_label(loss, hp)
             for student in spec.students:
                 for seed in spec.seeds:
-                    d = Path(spec.out) / "runs" / student / _slug(label) / f"seed{seed}"
+                    d = Path(spec.out) / "runs" / _student_dir(student) / _slug(label)
+                    d = d / f"seed{seed}"
                     runs.append(PlannedRun(student, label, loss, hp, seed, d))
     return runs
 
@@ -152,13 +184,12 @@ def run_config(spec: StudySpec, r: PlannedRun) -> dict:
     stored resolved (the loss's defaults + the grid's values), so a run finished under an
     older default is refused on resume instead of being reported as if it had the new one."""
     from kdcache.distill.config import DistillConfig
-    from kdcache.distill.losses import loss_defaults
 
     base = dict(spec.distill)
     base.update(
         student=r.student,
         loss=r.loss,
-        hparams={**loss_defaults(r.loss), **r.hparams},
+        hparams={**_loss_info(spec, r.loss)[0], **r.hparams},
         caches=[c] if (c := spec.loss_cache.get(r.loss, spec.cache)) else [],
         seed=r.seed,
         out=str(r.dir / "train"),
@@ -170,6 +201,10 @@ def run_config(spec: StudySpec, r: PlannedRun) -> dict:
     except TypeError as e:
         raise KdcacheError(f"--set: {e}") from None
     cfg.validate()  # a bad --lr / --schedule / --set is refused before any run is launched
+    if spec.task == "lm":
+        from kdcache.distill.study_lm import check_lm_config
+
+        check_lm_config(cfg)
     return cfg.to_dict()
 
 
@@ -219,6 +254,7 @@ def cores() -> int:
 
 def run_study(spec: StudySpec) -> dict:
     """Train what is missing (in parallel), then write the report; returns its summary."""
+    from kdcache.distill.study_lm import CLS_METRIC, LM_METRIC
     from kdcache.distill.study_stats import load_results, write_report
 
     runs = plan(spec)
@@ -234,6 +270,10 @@ def run_study(spec: StudySpec) -> dict:
             )
     if spec.jobs < 0:
         raise KdcacheError(f"--jobs {spec.jobs}: expected >= 0 (0: one per core)")
+    if spec.task == "lm":
+        from kdcache.distill.study_lm import check_lm_study
+
+        check_lm_study(spec, run_config(spec, runs[0]))
     todo = _pending(spec, runs)
     jobs = min(spec.jobs or cores(), max(1, len(todo)))
     threads = max(1, cores() // jobs)
@@ -249,7 +289,8 @@ def run_study(spec: StudySpec) -> dict:
                 if rc != 0 or not r.result.exists():
                     failed.append(r)
     rows = load_results(runs)
-    report = write_report(rows, Path(spec.out), spec.name, baseline, spec.compare)
+    metric = LM_METRIC if spec.task == "lm" else CLS_METRIC
+    report = write_report(rows, Path(spec.out), spec.name, baseline, spec.compare, metric)
     report.update(planned=len(runs), trained=len(todo) - len(failed), failed=len(failed))
     if failed:
         raise KdcacheError(

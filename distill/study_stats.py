@@ -1,9 +1,11 @@
-"""A study's report: per-variant accuracy (mean ± std, min/max, n) and paired comparisons.
+"""A study's report: per-variant metric (mean ± std, min/max, n) and paired comparisons.
 
 Runs are paired by (student, seed): with the same seed two losses see the same init, the same
 batch order and the same views, so the per-seed difference removes most of the seed noise.
 For each pair: mean difference, wins/ties/n, a paired t-test and a Wilcoxon signed-rank test
-(scipy; two-sided). Written as Markdown, CSV (summary and per run) and a PNG.
+(scipy; two-sided). The metric is test accuracy for classifiers (a win: higher) and held-out
+perplexity ``test_ppl`` for LM students (a win: lower). Written as Markdown, CSV (summary and
+per run), JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 METRIC = "test_acc"
+LOWER_IS_BETTER = {"test_ppl", "test_loss", "best_ppl"}
+TITLES = {"test_acc": "Test accuracy", "test_ppl": "Held-out perplexity"}
 
 
 def load_results(runs) -> list[dict]:
@@ -59,7 +63,8 @@ def summarize(rows: list[dict], metric: str = METRIC) -> list[dict]:
 
 
 def paired(rows: list[dict], a: str, b: str, student: str, metric: str = METRIC) -> dict | None:
-    """Variant `a` minus variant `b` on the seeds both finished; None if none shared."""
+    """Variant `a` minus variant `b` on the seeds both finished; None if none shared. A win is
+    a seed where `a` is better: higher, or lower for a metric in LOWER_IS_BETTER."""
     from scipy import stats
 
     mine = [r for r in rows if r["student"] == student and metric in r]
@@ -83,25 +88,27 @@ def paired(rows: list[dict], a: str, b: str, student: str, metric: str = METRIC)
         "b": b,
         "n": len(d),
         "mean_diff": float(d.mean()),
-        "wins": int((d > 0).sum()),
+        "wins": int((d < 0).sum() if metric in LOWER_IS_BETTER else (d > 0).sum()),
         "ties": int((d == 0).sum()),
         "p_ttest": p_t,
         "p_wilcoxon": p_w,
     }
 
 
-def comparisons(rows: list[dict], baseline: str, extra: list[tuple[str, str]]) -> list[dict]:
+def comparisons(
+    rows: list[dict], baseline: str, extra: list[tuple[str, str]], metric: str = METRIC
+) -> list[dict]:
     """Every variant against the baseline on each student, then the extra (a, b) pairs."""
     out = []
-    for s in summarize(rows):
+    for s in summarize(rows, metric):
         if s["variant"] != baseline:
-            c = paired(rows, s["variant"], baseline, s["student"])
+            c = paired(rows, s["variant"], baseline, s["student"], metric)
             if c is not None:
                 out.append(c)
     students = list(dict.fromkeys(r["student"] for r in rows))
     for a, b in extra:
         for st in students:
-            c = paired(rows, a, b, st)
+            c = paired(rows, a, b, st, metric)
             if c is not None:
                 out.append(c)
     return out
@@ -117,12 +124,14 @@ def _p(x: float) -> str:
     return f"{x:.2g}" if x < 0.001 else f"{x:.3f}"
 
 
-def markdown(summary: list[dict], comps: list[dict], baseline: str) -> str:
+def markdown(summary: list[dict], comps: list[dict], baseline: str, metric: str = METRIC) -> str:
     """The summary table, then one line per comparison (a − b)."""
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
     lines = [
-        f"Test accuracy of the final epoch; paired by seed against `{baseline}` (two-sided p).",
+        f"{TITLES.get(metric, metric)} (`{metric}`, {better} is better) of the final epoch; "
+        f"paired by seed against `{baseline}` (two-sided p; a win: {better} {metric}).",
         "",
-        "| student | loss | n | mean ± std | min | max |",
+        f"| student | loss | n | {metric} mean ± std | min | max |",
         "|---|---|---|---|---|---|",
     ]
     for s in summary:
@@ -154,8 +163,8 @@ def _csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
-    """Accuracy by (student, loss): one dot per seed, the mean ± std as a bar."""
+def plot(rows: list[dict], summary: list[dict], path: Path, metric: str = METRIC) -> None:
+    """The metric by (student, loss): one dot per seed, the mean ± std as a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,15 +175,15 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
     rng = np.random.default_rng(0)
     for i, s in enumerate(summary):
         ys = [
-            r[METRIC]
+            r[metric]
             for r in rows
-            if r["student"] == s["student"] and r["variant"] == s["variant"] and METRIC in r
+            if r["student"] == s["student"] and r["variant"] == s["variant"] and metric in r
         ]
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, s=14, alpha=0.7, color="C0")
         std = 0.0 if math.isnan(s["std"]) else s["std"]
         ax.errorbar(i, s["mean"], yerr=std, fmt="_", color="C3", markersize=18, capsize=4)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("test accuracy (final epoch)")
+    ax.set_ylabel(f"{TITLES.get(metric, metric).lower()} (final epoch)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -182,17 +191,37 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
 
 
 def write_report(
-    rows: list[dict], out: Path, name: str, baseline: str, extra: list[tuple[str, str]]
-) -> dict:
-    """OUT/NAME.md, NAME.csv (summary), NAME_comparisons.csv, NAME_runs.csv, NAME.png."""
+    rows: list[dict], out: Path, name: str, baseline: str, extra: list[tuple[str, str]],
+    metric: str = METRIC,
+) -> dict:  # fmt: skip
+    """OUT/NAME.md, NAME.csv (summary), NAME_comparisons.csv, NAME_runs.csv, NAME.json (all of
+    it), NAME.png."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows)
-    comps = comparisons(rows, baseline, extra)
-    md = markdown(summary, comps, baseline)
+    summary = summarize(rows, metric)
+    comps = comparisons(rows, baseline, extra, metric)
+    md = markdown(summary, comps, baseline, metric)
     (out / f"{name}.md").write_text(md)
     _csv(out / f"{name}.csv", summary)
     _csv(out / f"{name}_comparisons.csv", comps)
     _csv(out / f"{name}_runs.csv", rows)
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    doc = {"metric": metric, "better": better, "baseline": baseline, "summary": summary,
+           "comparisons": comps, "runs": rows}  # fmt: skip
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(_clean(doc), indent=1, sort_keys=True, allow_nan=False) + "\n")
+    tmp.replace(out / f"{name}.json")
     if rows:
-        plot(rows, summary, out / f"{name}.png")
-    return {"summary": summary, "comparisons": comps, "markdown": md, "runs": len(rows)}
+        plot(rows, summary, out / f"{name}.png", metric)
+    return {"summary": summary, "comparisons": comps, "markdown": md, "runs": len(rows),
+            "metric": metric}  # fmt: skip
+
+
+def _clean(x):
+    """NaN/inf (std of one seed, p of one pair) -> null: the file stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x

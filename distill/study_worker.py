@@ -18,7 +18,8 @@ from pathlib import Path
 def result_of(record: dict, seconds: float) -> dict:
     """What the study keeps of a run: the final epoch's numbers (never the best epoch's, which
     would select on the test set)."""
-    keep = ("epoch", "test_acc", "best_acc", "train_acc", "loss", "test_loss")
+    keep = ("epoch", "test_acc", "best_acc", "train_acc", "loss", "test_loss", "test_ppl",
+            "best_ppl", "train_ppl", "ce", "kd", "tokens")  # fmt: skip
     out = {k: record[k] for k in keep if k in record}
     out["wall_s"] = round(seconds, 3)
     return out
