@@ -49,13 +49,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_runtime(device: str = "auto") -> Runtime:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    """Join the torchrun process group when WORLD_SIZE > 1: gloo on CPU; on CUDA nccl for
+    CUDA tensors and gloo for CPU ones (metric sums and flags are small host tensors)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
