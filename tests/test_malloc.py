@@ -63,3 +63,24 @@ def test_runtime_fixes_the_mmap_threshold():
     assert _mapped_after_big_free(libc, 64 << 20, malloc.MMAP_THRESHOLD // 4) == 0
     assert malloc.tune_malloc() or "MALLOC_MMAP_THRESHOLD_" in os.environ  # applied once
     malloc.trim()  # callable at any time, returns nothing
+
+
+def test_bench_sampler_sees_main_and_worker_rss():
+    """bench/rss.py (used by `bench/data.py --only rss`) samples the main process and each
+    child through the run, not only the final peak."""
+    import sys
+
+    from bench.rss import growth_rows, sample_run
+
+    code = (
+        "import os, time\n"
+        "a = bytearray(80 << 20)\n"  # the main process holds 80 MB
+        "if os.fork() == 0:\n"
+        "    b = bytearray(40 << 20); time.sleep(1.5); os._exit(0)\n"
+        "os.wait()\n"
+    )
+    r = sample_run([sys.executable, "-c", code], every=0.1)
+    assert r["peak"] >= 80 and r["steady"] >= 80 and r["samples"] >= 5
+    assert r["worker"] >= 40  # the forked child's own pages (a copy-on-write 80 MB + 40 MB)
+    rows = growth_rows(1000, {**r, "peak": 100.0}, 2000, {**r, "peak": 101.0})
+    assert rows[2] == ("main peak (VmHWM)", 100.0, 101.0, 1.024)  # 1 MB over 1000 images
