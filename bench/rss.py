@@ -40,7 +40,8 @@ def _children(pid: int) -> list[int]:
 def sample_run(cmd: list[str], every: float = 0.5, cwd=None, env=None) -> dict:
     """Run `cmd`, sampling its RSS and its children's; returns the series and a summary:
     main `start` (first sample once workers run), `steady` (median of the second half of the
-    samples with workers), `peak` (VmHWM); workers: the largest RSS any worker reached."""
+    samples with workers), `busy_max` (largest sample while workers run), `peak` (VmHWM, the
+    whole process life, exit included); workers: the largest RSS any worker reached."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     series: list[tuple[float, float, list[float]]] = []
@@ -61,6 +62,7 @@ def sample_run(cmd: list[str], every: float = 0.5, cwd=None, env=None) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "start": round(busy[0][1], 1),
         "steady": round(statistics.median(s[1] for s in half), 1),
+        "busy_max": round(max(s[1] for s in busy), 1),
         "peak": round(hwm, 1),
         "worker": round(max((max(s[2]) for s in busy if s[2]), default=0.0), 1),
         "samples": len(series),
@@ -71,6 +73,7 @@ def growth_rows(n0: int, r0: dict, n1: int, r1: dict) -> list[tuple[str, float, 
     """(measure, MB at n0, MB at n1, kB per image) for main start/steady/peak and workers."""
     rows = []
     for k, name in (("start", "main at loop start"), ("steady", "main steady (median, 2nd half)"),
-                    ("peak", "main peak (VmHWM)"), ("worker", "largest worker")):  # fmt: skip
+                    ("busy_max", "main max while workers run"), ("peak", "main peak (VmHWM)"),
+                    ("worker", "largest worker")):  # fmt: skip
         rows.append((name, r0[k], r1[k], (r1[k] - r0[k]) * 1024 / (n1 - n0)))
     return rows
