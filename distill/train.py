@@ -28,7 +28,7 @@ from kdcache.distill.progress import EpochBar, check_options, place_on_device
 from kdcache.distill.recipe import ModelEma, Recipe, epoch_lr, steps_per_epoch, warmup_factor
 from kdcache.distill.setup import build_run, make_optimizer, make_scheduler
 from kdcache.distill.steplog import StepLog
-from kdcache.models.malloc import trim
+from kdcache.models.malloc import trim, trimming
 from kdcache.models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
 from tqdm import tqdm
 
@@ -122,8 +122,10 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
 
     def batches_for(epoch: int):
         depth = prefetch_depth(rt.device, cfg.workers)
-        return epoch_batches(
-            make, len(r.train), cfg.batch_size, cfg.seed, epoch, cfg.views, depth, pin=cuda
+        return trimming(  # models/malloc.py: RSS flat through the epoch
+            epoch_batches(
+                make, len(r.train), cfg.batch_size, cfg.seed, epoch, cfg.views, depth, pin=cuda
+            )
         )
 
     record: dict = {}

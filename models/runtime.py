@@ -49,11 +49,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_runtime(device: str = "auto") -> Runtime:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); fix
-    glibc's mmap threshold first (models/malloc.py: RSS flat through the run)."""
-    from kdcache.models.malloc import tune_malloc
-
-    tune_malloc()
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

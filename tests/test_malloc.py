@@ -1,68 +1,50 @@
-"""Memory flat per image (issue 17): glibc's mmap threshold is fixed by both stages' runtime,
-so a batch-sized buffer freed after a bigger one is still mapped on its own (returned to the
-OS when freed) instead of carved from the heap, where its pages stayed resident."""
+"""Memory flat per image (issue 17): the heap pages that batch-sized buffers free are handed
+back to the OS (malloc_trim) during both stages' loops, instead of staying resident."""
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import pytest
 from kdcache.models import malloc
 
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_size_t)
-        for n in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )  # fmt: skip
-    ]
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) / 1024 for x in f if x.startswith("VmRSS:"))
 
 
-def _libc():
+def test_trim_returns_freed_heap_pages():
     libc = malloc._libc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-    libc.mallinfo2.restype = _Mallinfo2
+    if libc is None:
+        pytest.skip("needs glibc")
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    return libc
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    libc.memset.restype = ctypes.c_void_p
+    blocks = [libc.malloc(64 << 10) for _ in range(3200)]  # heap blocks (< mmap threshold)
+    for blk in blocks:
+        libc.memset(blk, 1, 64 << 10)  # resident
+    for blk in blocks[::2]:  # 100 MB freed in holes between live blocks: they cannot
+        libc.free(blk)  # coalesce into the heap top (fragmentation, as in a run)
+    before = _rss_mb()
+    malloc.trim()
+    after = _rss_mb()
+    for blk in blocks[1::2]:
+        libc.free(blk)
+    assert before - after > 50, (before, after)  # the freed 100 MB left the RSS
 
 
-def _mapped_after_big_free(libc, big: int, small: int) -> int:
-    """Bytes in mmapped blocks gained by a `small` block allocated after a `big` one was
-    freed (glibc's dynamic threshold would have risen to `big`, putting `small` on the heap)."""
-    p = libc.malloc(big)
-    libc.free(p)
-    before = libc.mallinfo2().hblkhd
-    q = libc.malloc(small)
-    gained = libc.mallinfo2().hblkhd - before
-    libc.free(q)
-    return gained
-
-
-def test_runtime_fixes_the_mmap_threshold():
-    from kdcache.models.runtime import init_runtime
-
-    libc = _libc()
-    init_runtime("cpu")  # what precompute and distill call first
-    small = 4 * malloc.MMAP_THRESHOLD  # e.g. a 1 MB view batch or activation
-    assert _mapped_after_big_free(libc, 64 << 20, small) >= small
-    # below the threshold small blocks stay on the heap (no mmap per tiny tensor)
-    assert _mapped_after_big_free(libc, 64 << 20, malloc.MMAP_THRESHOLD // 4) == 0
-    assert malloc.tune_malloc() or "MALLOC_MMAP_THRESHOLD_" in os.environ  # applied once
-    malloc.trim()  # callable at any time, returns nothing
+def test_trimming_trims_at_most_every_n_seconds(monkeypatch):
+    calls = []
+    monkeypatch.setattr(malloc, "trim", lambda: calls.append(1))
+    assert list(malloc.trimming(range(5), every=0.0)) == [0, 1, 2, 3, 4]
+    assert len(calls) == 5
+    calls.clear()
+    malloc._last[0] = __import__("time").monotonic()
+    assert list(malloc.trimming(range(5), every=3600.0)) == [0, 1, 2, 3, 4]
+    assert calls == []
 
 
 def test_bench_sampler_sees_main_and_worker_rss():
