@@ -8,8 +8,9 @@ much depending on machine load) while the workers stayed flat: the "+kB per imag
 17, not Python objects (tracemalloc stays flat through the loop). `malloc_trim(0)` hands the
 free pages back; it runs after set-up, at epoch ends and at most every `TRIM_EVERY_S` seconds
 inside the loops, so its cost (the next step faults those pages in again) stays small.
-A fixed mmap threshold (mallopt) did the same for memory but made CPU training ~25 % slower
-(every activation mapped and faulted in anew each step), so it is not used.
+A fixed mmap threshold (mallopt, or `MALLOC_MMAP_THRESHOLD_=262144`) keeps RSS flatter still
+but made CPU training 1.3-2x slower (every activation mapped and faulted in anew each step),
+so it is an opt-in through the environment, not the default (README, bench/data.py).
 """
 
 from __future__ import annotations
