@@ -2,6 +2,13 @@
 bare PIL loop, and precompute end to end vs the teacher's bare forward. Prints a table.
 
 python bench/data.py [--sizes 1000 16000] [--text-n 256000] [--quick]
+python bench/data.py --only rss [--rss-sizes 2000 16000]   # memory per image, sampled
+
+`--only rss`: folders of small (32x32) JPEGs, 10 classes; `precompute --teacher resnet8
+--random-init --num-augs 2 --augment crop-flip --workers 2 --batch-size 256`, then one
+`distill` epoch over that cache, each a fresh process whose RSS (and each worker's) is sampled
+every 0.5 s through the run (bench/rss.py); prints MB at each size and kB per extra image
+(goal <= 1 kB per image in both stages).
 
 Each measurement runs in its own process (peak RSS = ru_maxrss of that process; DataLoader
 workers are reported separately as the largest child). Data are synthetic smooth JPEGs of
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -35,6 +43,55 @@ def _folder(work: Path, n: int) -> Path:
         (d / f"{i:06d}.jpg").write_bytes(jpeg_bytes(w, h, i))
     (root / "done").write_text("")
     return root
+
+
+def _small_folder(work: Path, n: int) -> Path:
+    """n 32x32 JPEGs in 10 class folders (cheap to make; the per-image cost is bookkeeping)."""
+    import numpy as np
+    from PIL import Image
+
+    root = work / f"small-{n}"
+    if (root / "done").exists():
+        return root
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "train" / f"c{i * 10 // n}"
+        d.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((32, 32), Image.BILINEAR).save(d / f"{i:06d}.jpg")
+    (root / "done").write_text("")
+    return root
+
+
+def rss_scenario(work: Path, sizes: list[int]) -> None:
+    """Stage 1 and one stage-2 epoch at two dataset sizes, RSS sampled through each run."""
+    from bench.rss import growth_rows, sample_run
+
+    cli = [sys.executable, str(ROOT / "cli.py")]
+    got = {}
+    for n in sizes:
+        root, out = _small_folder(work, n), work / f"small{n}.zarr"
+        pre = sample_run(cli + ["precompute", "--teacher", "resnet8", "--random-init",
+                                "--dataset", "imagefolder", "--data-root", str(root),
+                                "--num-augs", "2", "--augment", "crop-flip", "--workers", "2",
+                                "--batch-size", "256", "--out", str(out),
+                                "--overwrite"])  # fmt: skip
+        dis = sample_run(cli + ["distill", "--student", "resnet8", "--loss", "kd", "--cache",
+                                str(out), "--dataset", "imagefolder", "--data-root", str(root),
+                                "--test-split", "none", "--epochs", "1", "--batch-size", "256",
+                                "--workers", "2", "--no-plots", "--overwrite",
+                                "--out", str(work / f"small-run{n}")])  # fmt: skip
+        got[n] = {"precompute": pre, "distill": dis}
+    (n0, n1), load = sizes, os.getloadavg()
+    print(f"\nRSS per image, 32x32 JPEGs x2 crop-flip views, resnet8, --workers 2, batch 256 "
+          f"(load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})")  # fmt: skip
+    print(f"{'stage':<11} {'measure':<31} {f'N={n0} MB':>11} {f'N={n1} MB':>11} {'kB/image':>9}")
+    for stage in ("precompute", "distill"):
+        r0, r1 = got[n0][stage], got[n1][stage]
+        for name, a, b, kb in growth_rows(n0, r0, n1, r1):
+            print(f"{stage:<11} {name:<31} {a:>11.1f} {b:>11.1f} {kb:>+9.2f}")
+        print(f"{stage:<11} {'seconds':<31} {r0['seconds']:>11} {r1['seconds']:>11}")
+    print("goal: <= 1 kB per image (main and workers, both stages)")
 
 
 def _texts(work: Path, n: int) -> Path:
@@ -159,6 +216,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--work", default=None, help="Folder for the synthetic data (kept).")
     ap.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke run.")
+    ap.add_argument("--only", choices=["all", "rss"], default="all")
+    ap.add_argument("--rss-sizes", type=int, nargs=2, default=[2000, 16000])
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -168,6 +227,9 @@ def main() -> None:
     if a.quick:
         a.sizes, a.text_n = [24, 96], 2000
     work = Path(a.work or tempfile.mkdtemp(prefix="kdcache-bench-data-"))
+    if a.only == "rss":
+        rss_scenario(work, [24, 96] if a.quick else a.rss_sizes)
+        return
     rows = []
     for n in a.sizes:
         root = _folder(work, n)

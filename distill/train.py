@@ -28,6 +28,7 @@ from kdcache.distill.progress import EpochBar, check_options, place_on_device
 from kdcache.distill.recipe import ModelEma, Recipe, epoch_lr, steps_per_epoch, warmup_factor
 from kdcache.distill.setup import build_run, make_optimizer, make_scheduler
 from kdcache.distill.steplog import StepLog
+from kdcache.models.malloc import trim, trimming
 from kdcache.models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
 from tqdm import tqdm
 
@@ -64,6 +65,7 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     check_options(cfg)
     torch.manual_seed(cfg.seed)
     r = build_run(cfg, rt)
+    trim()  # set-up transients (key lists, the row index) are freed: return their pages
     out = Path(cfg.out)
     cache_keys = [c.key for c in getattr(r.teacher, "caches", [])]
     ck = prepare_out(cfg, rt.is_main, cache_keys)  # refuses to clobber; resumes what matches
@@ -120,8 +122,10 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
 
     def batches_for(epoch: int):
         depth = prefetch_depth(rt.device, cfg.workers)
-        return epoch_batches(
-            make, len(r.train), cfg.batch_size, cfg.seed, epoch, cfg.views, depth, pin=cuda
+        return trimming(  # models/malloc.py: RSS flat through the epoch
+            epoch_batches(
+                make, len(r.train), cfg.batch_size, cfg.seed, epoch, cfg.views, depth, pin=cuda
+            )
         )
 
     record: dict = {}
@@ -167,6 +171,7 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
             progress=inner.progress,
         )
         inner.close()
+        trim()  # models/malloc.py: RSS flat from epoch to epoch
         if r.mrkd is not None:  # MrKD refreshes its copies on the true epoch boundary
             r.mrkd.end_epoch(model, epoch)
         stop = cfg.max_steps is not None and step >= cfg.max_steps

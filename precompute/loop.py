@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from kdcache.cache.errors import KdcacheError
+from kdcache.models.malloc import maybe_trim
 from kdcache.models.runtime import Runtime, forward, to_device
 from kdcache.precompute.config import PrecomputeConfig
 from kdcache.precompute.setup import Setup
@@ -161,6 +162,7 @@ def run_chunks(
             writes.append(io.submit(writer.write_chunk, c, logits, params))
             while len(writes) > 2:  # bounded write-behind; errors surface here
                 writes.pop(0).result()
+            maybe_trim()  # freed heap pages back to the OS (models/malloc.py)
             bar.update(n * spec.num_augs)
         for w in writes:
             w.result()
@@ -213,6 +215,7 @@ def _loader_chunks(cfg: PrecomputeConfig, rt: Runtime, setup: Setup, writer, tod
             writes.append(io.submit(writer.write_chunk, c, logits, p))
             while len(writes) > 2:  # bounded write-behind; errors surface here
                 writes.pop(0).result()
+            maybe_trim()  # freed heap pages back to the OS (models/malloc.py)
             bar.update((stop - start) * a)
         for w in writes:
             w.result()
