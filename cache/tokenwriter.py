@@ -34,6 +34,7 @@ from kdcache.cache.tokenstore import (
     token_arrays,
     token_key,
 )
+from kdcache.cache.writer import todo_chunks
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ class TokenWriter(TokenCache):
         self.lock = lock
 
     def todo_chunks(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        done = self.done()
-        return [c for c in range(self.n_chunks) if not done[c] and c % world_size == rank]
+        return todo_chunks(self.done(), rank, world_size)
 
     def write_chunk(self, c: int, arrays: dict[str, np.ndarray]) -> None:
         """Write chunk c's per-token arrays (unpadded, stored dtypes) padded to its token

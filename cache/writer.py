@@ -16,6 +16,14 @@ from kdcache.cache.reader import Cache, _first, chunk_digest
 log = logging.getLogger(__name__)
 
 
+def todo_chunks(done, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The chunks not done yet that rank `rank` of `world_size` writes (c % world == rank;
+    the same rule for torchrun ranks and --shard I/N, for class and token caches)."""
+    if not 0 <= rank < world_size:
+        raise KdcacheError(f"rank {rank} out of range for world_size {world_size}")
+    return [c for c in range(len(done)) if not done[c] and c % world_size == rank]
+
+
 class CacheWriter(Cache):
     """A cache opened for writing chunks; optionally holding the writer lock."""
 
@@ -24,10 +32,7 @@ class CacheWriter(Cache):
         self.lock = lock
 
     def todo_chunks(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        if not 0 <= rank < world_size:
-            raise KdcacheError(f"rank {rank} out of range for world_size {world_size}")
-        done = self.done()
-        return [c for c in range(self.n_chunks) if not done[c] and c % world_size == rank]
+        return todo_chunks(self.done(), rank, world_size)
 
     def write_chunk(
         self, c: int, logits: np.ndarray, view_params: np.ndarray

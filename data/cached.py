@@ -138,9 +138,7 @@ class CachedDataset(torch.utils.data.Dataset):
     def _batched(self, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
         """In-RAM images: one gather + the policy's batched replay, uint8 where no resize is
         involved (the exact bytes distill's float [0,1] views are made of), else float."""
-        imgs = getattr(self.source, "images", None)  # numpy gather: no OpenMP team here
-        raw = torch.from_numpy(imgs.numpy()[samples]) if isinstance(imgs, torch.Tensor) else (
-            self.source.get(samples))  # fmt: skip
+        raw = self.source.get(samples)
         p = torch.from_numpy(params)
         x = self.policy.apply_uint8(raw, p)
         return self.policy.apply(raw, p) if x is None else x

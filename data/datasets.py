@@ -62,7 +62,9 @@ class RawDataset:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.modality == "text":
             return [self.texts[i] for i in idx]
-        return self.images[torch.from_numpy(idx)]
+        if self.images.device.type == "cpu":  # numpy gather: no OpenMP team in this thread
+            return torch.from_numpy(self.images.numpy()[idx])
+        return self.images[torch.from_numpy(idx).to(self.images.device)]
 
     def load(self, i: int):
         if self.modality == "text":

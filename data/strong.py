@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from kdcache.data import augment, mix
+from kdcache.data.strongopts import StrongOptions
 
 REMODES = ("pixel", "rand", "const")
 
@@ -193,9 +194,7 @@ class StrongPolicy:
         return f"StrongPolicy({self.base!r}, {self.strong})"
 
 
-STRONG_DEFAULTS = {"aa": None, "color_jitter": None, "reprob": 0.0, "remode": "pixel",
-                   "recount": 1, "mixup": 0.0, "cutmix": 0.0, "mixup_prob": 1.0,
-                   "switch_prob": 0.5}  # fmt: skip
+STRONG_DEFAULTS = StrongOptions().strong()
 _FLAGS = {"aa": "--aa", "color_jitter": "--color-jitter", "reprob": "--reprob",
           "remode": "--remode", "recount": "--recount", "mixup": "--mixup",
           "cutmix": "--cutmix", "mixup_prob": "--mixup-prob",

@@ -192,9 +192,21 @@ class CropFlip(ViewPolicyBase):
         return np.array([p, p, 0], dtype=np.float32)
 
     def _crop(self, raw_batch: torch.Tensor, params) -> torch.Tensor:
-        """One padded tensor + a flat gather (no per-image loop); uint8 in, uint8 out."""
+        """uint8 in, uint8 out. On the CPU numpy slices of one padded array (no OpenMP team
+        in the calling thread: distill's training thread, a DataLoader's main thread); on
+        a device one padded tensor + a flat gather (no per-image loop). Same bytes."""
         b, c, h, w = raw_batch.shape
         pad = self.params["pad"]
+        if raw_batch.device.type == "cpu":
+            p = np.asarray(torch.as_tensor(params), dtype=np.float32).reshape(b, 3)
+            dxy = np.clip(p[:, :2].astype(np.int64), 0, 2 * pad).tolist()
+            padded = np.zeros((b, c, h + 2 * pad, w + 2 * pad), dtype=np.uint8)
+            padded[:, :, pad : pad + h, pad : pad + w] = raw_batch.numpy()
+            out = np.empty((b, c, h, w), dtype=np.uint8)
+            for j, ((dx, dy), flip) in enumerate(zip(dxy, (p[:, 2] > 0.5).tolist(), strict=True)):
+                v = padded[j, :, dy : dy + h, dx : dx + w]
+                out[j] = v[:, :, ::-1] if flip else v
+            return torch.from_numpy(out)
         params = torch.as_tensor(params).reshape(b, 3).to(raw_batch.device)
         hp, wp = h + 2 * pad, w + 2 * pad
         padded = F.pad(raw_batch, (pad, pad, pad, pad)).reshape(b, c, hp * wp)
@@ -211,25 +223,10 @@ class CropFlip(ViewPolicyBase):
         return resize(to_float(self._crop(raw_batch, params)), self.params["size"])
 
     def apply_uint8(self, raw_batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor | None:
-        """`_crop`'s bytes by numpy slices: no OpenMP team in the caller's thread (a
-        DataLoader's main thread keeps its cores for the training step)."""
         s = _size2(self.params["size"])
         if s is not None and tuple(raw_batch.shape[-2:]) != s:
             return None
-        x = raw_batch.numpy()
-        b, c, h, w = x.shape
-        pad = self.params["pad"]
-        p = np.asarray(params, dtype=np.float32).reshape(b, 3)
-        dxy = np.clip(p[:, :2].astype(np.int64), 0, 2 * pad)
-        padded = np.zeros((b, c, h + 2 * pad, w + 2 * pad), dtype=np.uint8)
-        padded[:, :, pad : pad + h, pad : pad + w] = x
-        out = np.empty_like(x)
-        for j, ((dx, dy), flip) in enumerate(
-            zip(dxy.tolist(), (p[:, 2] > 0.5).tolist(), strict=True)
-        ):
-            v = padded[j, :, dy : dy + h, dx : dx + w]
-            out[j] = v[:, :, ::-1] if flip else v
-        return torch.from_numpy(out)
+        return self._crop(raw_batch, params)
 
     def view(self, img, params) -> torch.Tensor:
         import torchvision.transforms.functional as TF

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from kdcache.data.strongopts import StrongOptions
+
 # the allowed interval of each float option ("(" / ")": open end, "[" / "]": closed end)
 _RANGES = {
     "lr": "(0, inf)",
@@ -26,7 +28,7 @@ def _inside(v: float, interval: str) -> bool:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(StrongOptions):
     """Options of a distill run; saved into every checkpoint so a run can be resumed."""
 
     student: str
@@ -83,34 +85,9 @@ class DistillConfig:
     ema: bool = False
     ema_decay: float = 0.9998
     accum_steps: int = 1
-    # strong augmentation without a cache (timm train.py names; data/strong.py); with a cache
-    # the cache's own policy is replayed and these must stay off
-    aa: str | None = None
-    color_jitter: float | None = None
-    reprob: float = 0.0
-    remode: str = "pixel"
-    recount: int = 1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
     storage_options: dict = field(default_factory=dict)
     # every CLI option as resolved (file, flags, defaults); written to the run's config.yaml
     cli_options: dict = field(default_factory=dict)
-
-    def strong(self) -> dict:
-        """The strong-augmentation options, as ``data.strong.resolve_strong`` takes them."""
-        return {"aa": self.aa, "color_jitter": self.color_jitter, "reprob": self.reprob,
-                "remode": self.remode, "recount": self.recount, "mixup": self.mixup,
-                "cutmix": self.cutmix, "mixup_prob": self.mixup_prob,
-                "switch_prob": self.mixup_switch_prob}  # fmt: skip
-
-    def strong_given(self) -> list[str]:
-        """The strong-augmentation options set away from their defaults (as CLI flags)."""
-        off = DistillConfig(student=self.student)
-        names = ("aa", "color_jitter", "reprob", "remode", "recount", "mixup", "cutmix",
-                 "mixup_prob", "mixup_switch_prob")  # fmt: skip
-        return ["--" + n.replace("_", "-") for n in names if getattr(self, n) != getattr(off, n)]
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (checkpoints carry their own config)."""

@@ -79,6 +79,23 @@ def broadcast_object(rt: Runtime, obj):
     return box[0]
 
 
+def main_then_others(rt: Runtime, first, others):
+    """`first()` on rank 0 (e.g. create a cache under the writer lock), then, after a
+    barrier, `others()` on every other rank; a KdcacheError of rank 0 is raised on every
+    rank with the same one-line message (no rank waits forever)."""
+    out, err = None, None
+    if rt.is_main:
+        try:
+            out = first()
+        except KdcacheError as e:
+            err = str(e)
+    err = broadcast_object(rt, err)
+    if err:
+        raise KdcacheError(err)
+    barrier(rt)
+    return out if rt.is_main else others()
+
+
 def shutdown(rt: Runtime) -> None:
     """Leave the process group so torchrun exits cleanly."""
     if rt.distributed and dist.is_initialized():

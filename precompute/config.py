@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kdcache.data.strongopts import StrongOptions
+
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """`--shard I/N` -> (I, N); (0, 1) without a shard. Shards of one spec share one cache key,
@@ -23,7 +25,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 @dataclass
-class PrecomputeConfig:
+class PrecomputeConfig(StrongOptions):
     """Options of a precompute run. Only the spec-relevant ones reach the cache key."""
 
     teacher: str
@@ -43,16 +45,6 @@ class PrecomputeConfig:
     image_size: int | None = None
     max_length: int | None = None
     mask_prob: float = 0.15
-    # strong augmentation, timm train.py names (data/strong.py); None/defaults: off
-    aa: str | None = None
-    color_jitter: float | None = None
-    reprob: float = 0.0
-    remode: str = "pixel"
-    recount: int = 1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
     format: str | None = None
     dtype: str = "float16"
     compression: str = "none"
@@ -78,10 +70,3 @@ class PrecomputeConfig:
     command: str | None = None
     # every CLI option as resolved (file, flags, defaults); written to the run's config.yaml
     cli_options: dict = field(default_factory=dict)
-
-    def strong(self) -> dict:
-        """The strong-augmentation options, as ``data.strong.resolve_strong`` takes them."""
-        return {"aa": self.aa, "color_jitter": self.color_jitter, "reprob": self.reprob,
-                "remode": self.remode, "recount": self.recount, "mixup": self.mixup,
-                "cutmix": self.cutmix, "mixup_prob": self.mixup_prob,
-                "switch_prob": self.mixup_switch_prob}  # fmt: skip

@@ -18,7 +18,12 @@ import torch
 from kdcache.cache.dtypes import encode
 from kdcache.cache.errors import KdcacheError
 from kdcache.cache.tokenstore import id_packing, pack_ids, pick_token_chunk, token_spec
-from kdcache.models.runtime import barrier, broadcast_object, init_runtime, shutdown
+from kdcache.models.runtime import (
+    barrier,
+    init_runtime,
+    main_then_others,
+    shutdown,
+)
 from kdcache.precompute.config import PrecomputeConfig
 from kdcache.precompute.targets import (
     distinct_counts,
@@ -128,19 +133,12 @@ def _run(cfg: PrecomputeConfig, rt) -> dict:
         kw = dict(keys=corpus.keys, lengths=corpus.lengths, tokenizer=files,
                   provenance={"command": cfg.command, "data_root": cfg.data_root},
                   backend=backend, storage_options=cfg.storage_options or None)  # fmt: skip
-        writer, err = None, None
-        if rt.is_main:
-            try:
-                writer = create_token_cache(path, spec, overwrite=cfg.overwrite,
-                                            break_lock=cfg.break_lock, **kw)  # fmt: skip
-            except KdcacheError as e:
-                err = str(e)
-        err = broadcast_object(rt, err)
-        if err:
-            raise KdcacheError(err)
-        barrier(rt)
-        if writer is None:
-            writer = create_token_cache(path, spec, lock=False, **kw)
+        writer = main_then_others(
+            rt,
+            lambda: create_token_cache(path, spec, overwrite=cfg.overwrite,
+                                       break_lock=cfg.break_lock, **kw),
+            lambda: create_token_cache(path, spec, lock=False, **kw),
+        )  # fmt: skip
         try:
             kl = _compute(cfg, rt, net, spec, corpus, writer)
         except KdcacheError:

@@ -18,9 +18,9 @@ from kdcache.cache.errors import DiskFullError, KdcacheError
 from kdcache.models.runtime import (
     Runtime,
     barrier,
-    broadcast_object,
     deterministic_kernels,
     init_runtime,
+    main_then_others,
     shutdown,
     write_run_config,
 )
@@ -49,27 +49,12 @@ def _open_writer(cfg: PrecomputeConfig, setup: Setup, rt: Runtime, path: str):
         # HDF5 has one writer per file: each rank writes a shard, rank 0 merges them.
         shard = f"{path}.rank{rt.rank}-of{rt.world_size}.h5"
         return create_cache(shard, setup.spec, overwrite=cfg.overwrite, lock=True, **kwargs)
-    err = None
-    writer = None
-    if rt.is_main:
-        try:
-            writer = create_cache(
-                path,
-                setup.spec,
-                overwrite=cfg.overwrite,
-                lock=True,
-                break_lock=cfg.break_lock,
-                **kwargs,
-            )
-        except KdcacheError as e:
-            err = str(e)
-    err = broadcast_object(rt, err)
-    if err:
-        raise KdcacheError(err)
-    barrier(rt)
-    if writer is None:
-        writer = create_cache(path, setup.spec, overwrite=False, lock=False, **kwargs)
-    return writer
+    return main_then_others(
+        rt,
+        lambda: create_cache(path, setup.spec, overwrite=cfg.overwrite, lock=True,
+                             break_lock=cfg.break_lock, **kwargs),
+        lambda: create_cache(path, setup.spec, overwrite=False, lock=False, **kwargs),
+    )  # fmt: skip
 
 
 def _tokenizer_files(setup: Setup) -> dict | None:
