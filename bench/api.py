@@ -5,8 +5,10 @@ python bench/api.py [--n 1024] [--workers 2] [--batch-size 64] [--epochs 3]
 
 Two sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the eval view) and
 in-RAM 32x32 images (cifar100 layout, crop-flip). Goal: CachedDataset >= 0.95x distill's.
-`api` = the default collate, `api+collate` = `collate_fn=ds.collate` (one shared buffer per
-batch). Runs alternate (api, api+collate, distill, ...); the best warm epoch of each counts.
+`api` = no collate_fn (torch's default_collate, which batches CachedDataset items like
+ds.collate), `api+collate` = `collate_fn=ds.collate`: one buffer per batch, handed over from a
+worker by value up to 4 MB (data/handover.py). Runs alternate (api, api+collate, distill,
+...); the best warm epoch of each counts.
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _data(work: Path, n: int) -> dict[str, tuple[str, str]]:
+def _data(work: Path, n: int, sources: list[str]) -> dict[str, tuple[str, str]]:
     from bench.common import write_cifar100
     from tests.datatools import jpeg_bytes, sizes
 
-    jpegs = work / "jpegs"
-    for i, (w, h) in enumerate(sizes(n, seed=1)):
-        d = jpegs / "train" / f"c{i % 10}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{i:06d}.jpg").write_bytes(jpeg_bytes(w, h, i))
-    write_cifar100(work / "cifar", n)
-    return {
-        "jpeg-folder": ("imagefolder", str(jpegs)),
-        "in-ram-32px": ("cifar100", str(work / "cifar")),
-    }
+    out = {}
+    if "jpeg-folder" in sources:
+        jpegs = work / "jpegs"
+        for i, (w, h) in enumerate(sizes(n, seed=1)):
+            d = jpegs / "train" / f"c{i % 10}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:06d}.jpg").write_bytes(jpeg_bytes(w, h, i))
+        out["jpeg-folder"] = ("imagefolder", str(jpegs))
+    if "in-ram-32px" in sources:
+        write_cifar100(work / "cifar", n)
+        out["in-ram-32px"] = ("cifar100", str(work / "cifar"))
+    return out
 
 
 def _cache(work: Path, name: str, dataset: str, root: str, workers: int) -> str:
@@ -100,12 +104,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--sources", nargs="+", default=["jpeg-folder", "in-ram-32px"],
+                    choices=["jpeg-folder", "in-ram-32px"])  # fmt: skip
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print(f"{'source':<12} {'api/s':>9} {'api+collate/s':>14} {'distill/s':>10} "
               f"{'api/distill':>12} {'api+collate/distill':>20}")  # fmt: skip
-        for name, (dataset, root) in _data(work, args.n).items():
+        for name, (dataset, root) in _data(work, args.n, args.sources).items():
             path = _cache(work, name, dataset, root, args.workers)
             api, packed, dist = [], [], []
             w, bs, ep = args.workers, args.batch_size, args.epochs

@@ -11,13 +11,14 @@ rank split gives the same (row, view) pairs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from kdcache.cache.epoch import choose_augs
 from kdcache.cache.errors import KdcacheError
+from kdcache.data.handover import CachedItem, Items, collate_items
 
 
 def load_cache_source(spec, provenance: dict, data_root: str | None = None, **columns):
@@ -159,6 +160,7 @@ class CachedDataset(torch.utils.data.Dataset):
         x = self._replay(row, params)
         t = torch.from_numpy(self.cache.logits_numpy(row, views))
         item = {"input": x, "label": self.labels[row], "teacher_logits": t, "row": row}
+        item = item if self.collate_text is not None else CachedItem(item)
         item["view"] = torch.as_tensor(views)
         if getattr(self.policy, "mixes", False):  # Mixup/CutMix: partner label and λ
             partners, lam = self.policy.mix_of(params)
@@ -171,7 +173,7 @@ class CachedDataset(torch.utils.data.Dataset):
             item["input"] = {k: v[0] for k, v in x.items()} if isinstance(x, dict) else x[0]
         return item
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+    def __getitems__(self, indices: list[int]) -> Sequence[dict[str, Any]]:
         """A batch of items read together (what DataLoader calls with batch_size): one
         gather of logits, params and views, and for in-RAM images one batched replay; items
         are equal to `[self[i] for i in indices]`."""
@@ -183,17 +185,21 @@ class CachedDataset(torch.utils.data.Dataset):
         views = choose_augs(self.seed, self.epoch, rows, self.cache.num_views)
         params = np.ascontiguousarray(self.cache.view_params(rows, views), dtype=np.float32)
         if self.batched:
-            x = self._batched(self.rows[rows], params).unbind(0)
+            x = self._batched(self.rows[rows], params)
         else:  # decoded per row, as distill's workers do
             x = [self.maker.replay(int(self.rows[r]), params[j : j + 1])[0][0]
                  for j, r in enumerate(rows)]  # fmt: skip
-        t = torch.from_numpy(self.cache.logits_numpy(rows, views)).unbind(0)
-        labels = self.labels[torch.from_numpy(rows)].unbind(0)
-        v = torch.from_numpy(views).unbind(0)
-        return [
-            {"input": a, "label": b, "teacher_logits": c, "row": r, "view": d}
-            for a, b, c, r, d in zip(x, labels, t, rows.tolist(), v, strict=True)
-        ]
+            if len({v.shape for v in x}) > 1:  # views of several sizes: items only
+                return [self[int(i)] for i in indices]
+            x = torch.stack(x)
+        batch = {
+            "input": x,
+            "label": self.labels[torch.from_numpy(rows)],
+            "teacher_logits": torch.from_numpy(self.cache.logits_numpy(rows, views)),
+            "row": torch.from_numpy(rows),
+            "view": torch.from_numpy(views),
+        }
+        return Items(batch)
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         """Batch items (`DataLoader(ds, collate_fn=ds.collate)`). Images: default_collate's
@@ -201,7 +207,7 @@ class CachedDataset(torch.utils.data.Dataset):
         with one shared-memory file descriptor instead of one per key. Text: inputs padded
         to the longest (as distill's batches are)."""
         if self.collate_text is None:
-            return packed_collate(items)
+            return collate_items(items)
         out = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "input"}
                                                 for it in items])  # fmt: skip
         for key in items[0]["input"]:
@@ -215,26 +221,6 @@ class CachedDataset(torch.utils.data.Dataset):
                 [p.reshape(*s.shape[:-1], length) for p, s in zip(padded, seqs, strict=True)]
             )
         return out
-
-
-def packed_collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    """default_collate for dicts of tensors/numbers, the stacked tensors laid out in ONE
-    uint8 buffer (64-byte aligned views; in shared memory inside a DataLoader worker)."""
-    cols = {k: [torch.as_tensor(it[k]) for it in items] for k in items[0]}
-    layout, size = {}, 0
-    for k, v in cols.items():
-        shape, dt = (len(v), *v[0].shape), v[0].dtype
-        nbytes = math.prod(shape) * dt.itemsize
-        layout[k] = (size, shape, dt, nbytes)
-        size += -(-nbytes // 64) * 64
-    buf = torch.empty(size, dtype=torch.uint8)
-    if torch.utils.data.get_worker_info() is not None:
-        buf.share_memory_()
-    out = {}
-    for k, (off, shape, dt, nbytes) in layout.items():
-        out[k] = buf[off : off + nbytes].view(dt).view(shape)
-        torch.stack(cols[k], out=out[k])
-    return out
 
 
 class ChunkSampler(torch.utils.data.Sampler):

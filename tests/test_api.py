@@ -214,16 +214,30 @@ def test_getitems_equals_getitem(cache_path):
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
 
 
-def test_collate_is_default_collate_in_one_buffer(cache_path):
-    ds = kdcache.CachedDataset(cache_path, seed=1, views="all")
-    want = torch.utils.data.default_collate(ds.__getitems__(list(range(8))))
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1, collate_fn=ds.collate)
-    got = next(iter(loader))  # made in a worker process, sent through shared memory
-    assert got.keys() == want.keys()
+@pytest.mark.parametrize("collate", ["ds.collate", "default"])
+@pytest.mark.parametrize("pipe_bytes", [4 << 20, 0])  # by value through the pipe / in shm
+def test_collate_is_default_collate_in_one_buffer(cache_path, monkeypatch, collate, pipe_bytes):
+    from kdcache.data import handover
+
+    monkeypatch.setattr(handover, "PIPE_BYTES", pipe_bytes)  # forked workers inherit it
+    ds = kdcache.CachedDataset(cache_path, seed=1)
+    ds.set_epoch(2)
+    idx = [3, 0, 7, 1, 30, 12, 5, 9]
+    want = torch.utils.data.default_collate([dict(ds[i]) for i in idx])  # plain dicts
+    fn = ds.collate if collate == "ds.collate" else None
+    loader = torch.utils.data.DataLoader(ds, sampler=idx, batch_size=8, num_workers=1,
+                                         collate_fn=fn)  # fmt: skip
+    got = next(iter(loader))  # made in a worker process, handed over in one piece
+    assert type(got) is dict and got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
     ptrs = {got[k].untyped_storage().data_ptr() for k in got}
-    assert len(ptrs) == 1  # one storage: one file descriptor per batch
+    assert len(ptrs) == 1  # one storage: one hand-over per batch
+    assert got["input"].untyped_storage().is_shared() == (pipe_bytes == 0)
+    got["input"] += 1  # the user's own writable batch
+    items = ds.__getitems__(idx)  # also batches of per-item calls (mixed policies, text)
+    for k, v in ds.collate([items[i] for i in range(len(idx))]).items():
+        assert torch.equal(v, want[k]), k
 
 
 def test_imagefolder_items_are_the_teachers_views(tmp_path, make_imagefolder):
