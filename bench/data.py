@@ -8,7 +8,8 @@ python bench/data.py --only rss [--rss-sizes 2000 16000]   # memory per image, s
 --random-init --num-augs 2 --augment crop-flip --workers 2 --batch-size 256`, then one
 `distill` epoch over that cache, each a fresh process whose RSS (and each worker's) is sampled
 every 0.5 s through the run (bench/rss.py); prints MB at each size and kB per extra image
-(goal <= 1 kB per image in both stages).
+(goal <= 1 kB per image in both stages), and a control: the small set distilled for as many
+steps as one epoch of the large one (max and peak of a longer run meet more heap highs).
 
 Each measurement runs in its own process (peak RSS = ru_maxrss of that process; DataLoader
 workers are reported separately as the largest child). Data are synthetic smooth JPEGs of
@@ -69,6 +70,15 @@ def rss_scenario(work: Path, sizes: list[int]) -> None:
 
     cli = [sys.executable, str(ROOT / "cli.py")]
     got = {}
+
+    def distill(n: int, epochs: int) -> dict:
+        root, out = _small_folder(work, n), work / f"small{n}.zarr"
+        return sample_run(cli + ["distill", "--student", "resnet8", "--loss", "kd", "--cache",
+                                 str(out), "--dataset", "imagefolder", "--data-root", str(root),
+                                 "--test-split", "none", "--epochs", str(epochs),
+                                 "--batch-size", "256", "--workers", "2", "--no-plots",
+                                 "--overwrite", "--out", str(work / f"small-run{n}")])  # fmt: skip
+
     for n in sizes:
         root, out = _small_folder(work, n), work / f"small{n}.zarr"
         pre = sample_run(cli + ["precompute", "--teacher", "resnet8", "--random-init",
@@ -76,12 +86,11 @@ def rss_scenario(work: Path, sizes: list[int]) -> None:
                                 "--num-augs", "2", "--augment", "crop-flip", "--workers", "2",
                                 "--batch-size", "256", "--out", str(out),
                                 "--overwrite"])  # fmt: skip
-        dis = sample_run(cli + ["distill", "--student", "resnet8", "--loss", "kd", "--cache",
-                                str(out), "--dataset", "imagefolder", "--data-root", str(root),
-                                "--test-split", "none", "--epochs", "1", "--batch-size", "256",
-                                "--workers", "2", "--no-plots", "--overwrite",
-                                "--out", str(work / f"small-run{n}")])  # fmt: skip
-        got[n] = {"precompute": pre, "distill": dis}
+        got[n] = {"precompute": pre, "distill": distill(n, 1)}
+    # control: the small set for as many steps as one epoch of the large one. A longer run
+    # meets more heap highs, so max/peak of runs of unequal length mix length with size.
+    same_steps = -(-sizes[1] // sizes[0])
+    ctrl = distill(sizes[0], same_steps)
     (n0, n1), load = sizes, os.getloadavg()
     print(f"\nRSS per image, 32x32 JPEGs x2 crop-flip views, resnet8, --workers 2, batch 256 "
           f"(load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})")  # fmt: skip
@@ -91,6 +100,12 @@ def rss_scenario(work: Path, sizes: list[int]) -> None:
         for name, a, b, kb in growth_rows(n0, r0, n1, r1):
             print(f"{stage:<11} {name:<31} {a:>11.1f} {b:>11.1f} {kb:>+9.2f}")
         print(f"{stage:<11} {'seconds':<31} {r0['seconds']:>11} {r1['seconds']:>11}")
+    r1 = got[n1]["distill"]
+    for k, name in (("busy_max", "main max, equal steps"), ("peak", "main peak, equal steps"),
+                    ("steady", "main steady, equal steps")):  # fmt: skip
+        kb = (r1[k] - ctrl[k]) * 1024 / (n1 - n0)
+        print(f"{'distill':<11} {name:<31} {ctrl[k]:>11.1f} {r1[k]:>11.1f} {kb:>+9.2f}")
+    print(f"(equal steps: N={n0} for {same_steps} epochs, {ctrl['seconds']} s, vs N={n1} for 1)")
     print("goal: <= 1 kB per image (main and workers, both stages)")
 
 
