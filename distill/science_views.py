@@ -46,10 +46,13 @@ def teacher(out: Path, epochs: int) -> Path:
 
 
 def cache(out: Path, weights: Path, augs: int, n: int | None) -> str:
-    """The teacher's logits for `augs` strong views per sample (precompute resumes/skips)."""
+    """The teacher's logits for `augs` strong views per sample (precompute resumes/skips).
+    No identity view: with one, view 0 is the clean eval view and a cache of A views would
+    train on 1/A clean images, which online KD (and the question) never does."""
     few = ["--max-samples", str(n)] if n else []
     stdout = cli("precompute", "--teacher", "resnet20", "--weights", str(weights),
                  "--dataset", "digits", "--augment", "crop-flip", "--num-augs", str(augs),
+                 "--no-identity-view",  # every view strong: else 1/A of them are clean
                  *_flags(STRONG), "--chunk-samples", "256", *few,
                  "--out", str(out / f"caches-a{augs}"))  # fmt: skip
     return next(ln.split(None, 1)[1] for ln in stdout.splitlines() if ln.startswith("cache "))
