@@ -189,9 +189,7 @@ class CachedDataset(torch.utils.data.Dataset):
         else:  # decoded per row, as distill's workers do
             x = [self.maker.replay(int(self.rows[r]), params[j : j + 1])[0][0]
                  for j, r in enumerate(rows)]  # fmt: skip
-            if len({v.shape for v in x}) > 1:  # views of several sizes: items only
-                return [self[int(i)] for i in indices]
-            x = torch.stack(x)
+            x = torch.stack(x) if len({v.shape for v in x}) == 1 else x  # else sizes differ
         batch = {
             "input": x,
             "label": self.labels[torch.from_numpy(rows)],
@@ -203,9 +201,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         """Batch items (`DataLoader(ds, collate_fn=ds.collate)`). Images: default_collate's
-        batch, every tensor a view of one buffer, so a worker process hands the batch over
-        with one shared-memory file descriptor instead of one per key. Text: inputs padded
-        to the longest (as distill's batches are)."""
+        batch, every tensor a view of one buffer that a worker hands over in one piece
+        (data/handover.py; default_collate does the same for image items). Text: inputs
+        padded to the longest (as distill's batches are)."""
         if self.collate_text is None:
             return collate_items(items)
         out = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "input"}

@@ -72,7 +72,7 @@ class CachedItem(dict):
 
 def collate_items(items, *, collate_fn_map=None) -> dict[str, torch.Tensor]:
     """`packed_collate`, or for a batch cut whole by `__getitems__`, that batch packed as is."""
-    if isinstance(items, Items):
+    if isinstance(items, Items) and isinstance(items.batch["input"], torch.Tensor):
         return _pack({k: [v] for k, v in items.batch.items()}, cat=True)
     return packed_collate(items)
 
@@ -83,7 +83,7 @@ default_collate_fn_map[CachedItem] = collate_items
 class Items(Sequence):
     """`__getitems__`'s items as a sequence over the batch they were cut from: `collate`
     packs that batch as it is; the per-item dicts (what default_collate and users index)
-    are made on first access only."""
+    are made on first access only. `input` is a list when the views differ in size."""
 
     def __init__(self, batch: dict[str, torch.Tensor]) -> None:
         self.batch = batch
@@ -114,7 +114,7 @@ def packed_collate(items: list[dict]) -> dict[str, torch.Tensor]:
 
 def _pack(cols: dict[str, list[torch.Tensor]], cat: bool = False) -> dict[str, torch.Tensor]:
     """Each column stacked (or, `cat`, concatenated) into a view of one buffer, which a
-    DataLoader worker hands over in one piece (data/handover.py)."""
+    DataLoader worker hands over in one piece (`new_buffer`)."""
     lead = {k: sum(len(t) for t in v) if cat else len(v) for k, v in cols.items()}
     layout, size = layout_of(
         {k: ((lead[k], *v[0].shape[int(cat) :]), v[0].dtype) for k, v in cols.items()}

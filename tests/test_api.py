@@ -287,3 +287,18 @@ def test_distributed_sampler_splits_the_items(cache_path):
     assert sorted(shards[0] + shards[1]) == list(range(N))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, sampler=shards[1])))
     assert batch["row"].tolist() == shards[1][:4]
+
+
+def test_items_of_views_of_several_sizes_stay_items():
+    from kdcache.data.handover import Items, collate_items
+
+    a, b = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.ones(3, 5, 5, dtype=torch.uint8)
+    items = Items({"input": [a, b], "label": torch.tensor([1, 2]), "row": torch.tensor([7, 9])})
+    assert len(items) == 2 and torch.equal(items[1]["input"], b) and items[1]["row"] == 9
+    assert items[-1] is items[1] and [it["row"] for it in items] == [7, 9]
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        collate_items(items)  # as default_collate refuses ragged views
+    same = Items({"input": torch.stack([a, a]), "label": torch.tensor([1, 2]),
+                  "row": torch.tensor([7, 9])})  # fmt: skip
+    got = collate_items(same)
+    assert torch.equal(got["input"], torch.stack([a, a])) and got["row"].tolist() == [7, 9]
