@@ -32,9 +32,10 @@ science: $(STAMP)
 # caches of 1-16 views, online KD as the upper bound, 5 seeds. Resumable: rerun to finish.
 VIEWS_OUT ?= runs/science-views
 VIEWS_EPOCHS ?= 5
+VIEWS_MIXUP ?= pair
 science-views: $(STAMP)
 	nice $(PY) -m kdcache.distill.science_views --out $(VIEWS_OUT) --epochs $(VIEWS_EPOCHS) \
-		--figure docs/science-views.png
+		--mixup-mode $(VIEWS_MIXUP) --figure docs/science-views.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -357,6 +357,13 @@ _STRONG = [  # timm train.py names (data/strong.py; README "Strong augmentation"
     click.option("--cutmix", default=0.0, type=float, help="CutMix alpha (> 0: on)."),
     click.option("--mixup-prob", default=1.0, type=float, help="Probability a view mixes."),
     click.option("--mixup-switch-prob", default=0.5, type=float, help="P(CutMix) when both on."),
+    click.option(
+        "--mixup-mode",
+        default=None,
+        type=click.Choice(["pair", "elem"]),
+        help="Partner: pair (timm pair mode in groups of 16 rows; default with a cache) or "
+        "elem (any row; the only mode without a cache).",
+    ),  # fmt: skip
 ]
 
 

@@ -7,9 +7,12 @@ Not a test.
 timm: ``create_transform(224, is_training=True, auto_augment=rand-m9-mstd0.5-inc1,
 re_prob=0.25, re_mode=pixel)`` per sample in the loader, then ``Mixup(0.8, cutmix 1.0,
 switch 0.5)`` on each batch of 64 (timm's train loop). kdcache: rrc-flip + the same --aa,
---reprob, --mixup/--cutmix views (uint8), A views per decoded row; batch-free mixing decodes
-and augments each mixed view's partner too. Rates are views/s, best of --repeats passes, in
-CPU seconds of this process with --workers 0 (robust on a shared machine), else wall time.
+--reprob, --mixup/--cutmix views (uint8), A views per decoded row. ``pair`` (the cache
+default, data/pairs.py): the two views of a pair share their pre-mix views (stage 1 makes a
+group's views together; stage 2 is planned as distill plans it, pairs side by side); ``elem``:
+each mixed view decodes and augments its partner too. Rates are views/s, best of --repeats
+passes, in CPU seconds of this process with --workers 0 (robust on a shared machine), else
+wall time.
 """
 
 from __future__ import annotations
@@ -50,8 +53,28 @@ class _Files(torch.utils.data.Dataset):
             return self.t(im.convert("RGB")), 0
 
 
+def _timm_posterize_fix() -> None:
+    """timm's Posterize raises at 0 bits under Pillow >= 10 (magnitude 10 after mstd noise);
+    clamp to 1 bit for the bench (same cost; kdcache makes such a view black)."""
+    import timm.data.auto_augment as taa
+
+    orig = taa.posterize
+    if getattr(orig, "clamped", False):
+        return
+
+    def posterize(img, bits_to_keep, **kw):
+        return orig(img, max(1, bits_to_keep), **kw)
+
+    posterize.clamped = True
+    for k, v in list(taa.NAME_TO_OP.items()):
+        if v is orig:
+            taa.NAME_TO_OP[k] = posterize
+
+
 def timm_pass(paths, workers: int) -> float:
     from timm.data import Mixup, create_transform
+
+    _timm_posterize_fix()
 
     t = create_transform(224, is_training=True, auto_augment=STRONG["aa"], re_prob=0.25,
                          re_mode="pixel", interpolation="bilinear", mean=PRE["mean"],
@@ -66,28 +89,33 @@ def timm_pass(paths, workers: int) -> float:
     return len(paths) / (CLOCK[0]() - start)
 
 
-def kdcache_passes(root: Path, workers: int, augs: int, mixing: bool) -> tuple[float, float]:
+def kdcache_passes(root: Path, workers: int, augs: int, mixing: str) -> tuple[float, float]:
     """(stage-1 views/s, stage-2 views/s)."""
     from kdcache.data import loader as L
     from kdcache.data.datasets import load_dataset
 
     ds = load_dataset("imagefolder", root=str(root), split="train")
-    strong = dict(STRONG) if mixing else {"aa": STRONG["aa"], "reprob": 0.25}
+    strong = {**STRONG, "mixup_mode": mixing} if mixing else {"aa": STRONG["aa"], "reprob": 0.25}
     policy = L.make_policy("rrc-flip", ds, {"preprocessing": PRE}, strong=strong)
     n = len(ds)
     order = np.arange(n)
     maker = L.ViewMaker(ds, policy, rows=order)
-    batches = L.chunk_batches([(0, n)], max(1, 64 // augs))
+    batches = L.chunk_batches([(0, n)], max(1, 64 // augs), L.mix_align(policy))
     start = CLOCK[0]()
     params = []
     for b in L.precompute_loader(maker, order, 0, augs, False, batches, workers=workers):
         params.append(b["params"])
     s1 = n * augs / (CLOCK[0]() - start)
     flat = np.concatenate(params).reshape(n, augs, -1)
-    rng = np.random.default_rng(0)
-    pick = rng.integers(0, augs, n)  # stage 2: one stored view per sample per epoch
-    plan = [([(int(r), int(r), flat[r, pick[r]][None]) for r in rows], None)
-            for rows in np.array_split(rng.permutation(n), max(1, n // 64))]  # fmt: skip
+    # stage 2: one stored view per sample per epoch, planned as distill plans it (pair-mode
+    # Mixup: views picked per group of rows, the two views of a pair side by side)
+    from kdcache.distill.batches import plan_epoch
+
+    group, fn = 0, None
+    if getattr(policy, "pairs", False):
+        group, fn = policy.strong["mix_group"], (lambda r, a: policy.mix_of(flat[r, a])[0])
+    plan = [([(int(r), int(r), flat[r, a][None]) for r, a in zip(s, v, strict=True)], None)
+            for s, v in plan_epoch(n, augs, 64, 0, 0, "one", 1, group, fn)]  # fmt: skip
     loader = L.ReplayLoader(maker, workers)
     start = CLOCK[0]()
     for _ in loader.run(iter(plan)):
@@ -103,6 +131,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--augs", default="1,4")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="pair,elem", help="Mixup modes to time (pair, elem)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.workers == 0:
@@ -114,15 +143,15 @@ def main() -> None:
         timm_rate = max(timm_pass(paths, args.workers) for _ in range(args.repeats))
         rows = []
         for a in [int(v) for v in args.augs.split(",")]:
-            for mixing in (True, False):
+            for mixing in [*args.modes.split(","), ""]:
                 runs = [kdcache_passes(root, args.workers, a, mixing) for _ in range(args.repeats)]
                 rows.append((a, mixing, max(r[0] for r in runs), max(r[1] for r in runs)))
     print(f"{args.n} JPEGs {args.size}x{args.size} -> 224, workers {args.workers}, "
           f"torch threads 1, best of {args.repeats}, "
           f"{'CPU' if args.workers == 0 else 'wall'} time")  # fmt: skip
-    print(f"timm create_transform(RA+RE) + Mixup/CutMix   {timm_rate:8.1f} views/s   1.00x")
+    print(f"timm create_transform(RA+RE) + Mixup/CutMix        {timm_rate:8.1f} views/s   1.00x")
     for a, mixing, s1, s2 in rows:
-        what = "RA+RE+Mixup/CutMix" if mixing else "RA+RE (no mixing)  "
+        what = f"RA+RE+Mixup/CutMix {mixing:4}" if mixing else "RA+RE (no mixing)       "
         print(f"kdcache {what} A={a:<2} stage 1 {s1:8.1f} views/s {s1 / timm_rate:5.2f}x"
               f"   stage 2 {s2:8.1f} views/s {s2 / timm_rate:5.2f}x")  # fmt: skip
 

@@ -38,7 +38,13 @@ def choose_augs(seed: int, epoch: int, samples: Any, num_augs: int) -> np.ndarra
 
 
 def _pairs(
-    samples: np.ndarray, aug_mode: Any, num_augs: int, seed: int, epoch: int, group: int = 1
+    samples: np.ndarray,
+    aug_mode: Any,
+    num_augs: int,
+    seed: int,
+    epoch: int,
+    group: int = 1,
+    mix_group: int = 0,
 ):
     """The (sample, aug) pairs of an epoch for these samples (``group`` > 1: that many
     distinct augs per sample, adjacent, starting at the sample's random aug)."""
@@ -46,8 +52,9 @@ def _pairs(
         start = choose_augs(seed, epoch, samples, num_augs)
         augs = (start[:, None] + np.arange(group)) % num_augs
         return np.repeat(samples, group), augs.reshape(-1)
-    if aug_mode == "random":
-        return samples, choose_augs(seed, epoch, samples, num_augs)
+    if aug_mode == "random":  # pair-mode Mixup caches: one view per group of rows
+        by = samples // mix_group if mix_group else samples
+        return samples, choose_augs(seed, epoch, by, num_augs)
     if aug_mode == "all":
         return np.repeat(samples, num_augs), np.tile(np.arange(num_augs), len(samples))
     if isinstance(aug_mode, (int, np.integer)) and not isinstance(aug_mode, bool):
@@ -68,12 +75,16 @@ def iter_epoch(
     world_size: int = 1,
     drop_last: bool = False,
     group: int = 1,
+    mix_group: int = 0,
+    partner_fn: Callable | None = None,
 ) -> Iterator[Batch]:
     """Yield (samples int64[B], augs int64[B], logits float32[B, C]) covering every chosen
     (sample, aug) once per epoch; ranks get disjoint parts (chunks, or pairs in RAM).
     ``group`` > 1 (aug_mode "random"): each sample brings that many distinct augs, kept
     adjacent and never split across batches or ranks (one decode for all of them); batches
-    hold ``batch_size // group`` samples.
+    hold ``batch_size // group`` samples. ``mix_group`` / ``partner_fn``: a pair-mode Mixup
+    cache (data/pairs.py) picks "random" views per group of rows and keeps the two views of a
+    pair adjacent (group 1 only).
 
     `source` is a Cache (chunk-aware) or an InMemoryLogits. drop_last=True yields only full
     batches, the same number on every rank (what DDP needs); the few pairs left over are
@@ -94,13 +105,16 @@ def iter_epoch(
     batch_size = max(1, batch_size // g) * g
 
     def pick(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _pairs(samples, aug_mode, source.num_augs, seed, epoch, g)
+        return _pairs(samples, aug_mode, source.num_augs, seed, epoch, g, mix_group)
+
+    def adj(s: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return pair_order(s, a, partner_fn if g == 1 else None, source.num_augs)
 
     pick(np.empty(0, np.int64))  # validate aug_mode before any reading
     per_sample = source.num_augs if aug_mode == "all" else g
     key = [seed % 2**63, epoch % 2**63]
     if getattr(source, "in_memory", False):
-        gen = _ram_epoch(source, batch_size, key, pick, rank, world_size, g)
+        gen = _ram_epoch(source, batch_size, key, pick, rank, world_size, g, adj)
         fewest = source.n * per_sample // world_size
     else:
         source.require_complete()
@@ -109,7 +123,9 @@ def iter_epoch(
         sizes = np.array([min(cs, source.n - int(c) * cs) for c in order])
         fewest = min(int(sizes[r::world_size].sum()) for r in range(world_size)) * per_sample
         rng = np.random.default_rng(key + [1, rank])
-        gen = _chunk_epoch(source, order[rank::world_size], batch_size, buffer_chunks, rng, pick, g)
+        gen = _chunk_epoch(
+            source, order[rank::world_size], batch_size, buffer_chunks, rng, pick, g, adj
+        )
     yield from itertools.islice(gen, fewest // batch_size if drop_last else None)
 
 
@@ -122,12 +138,15 @@ def _grouped(perm: np.ndarray, g: int) -> np.ndarray:
 
 
 def _ram_epoch(
-    src: Any, bs: int, key: list, pick: Pick, rank: int, world: int, g: int = 1
+    src: Any, bs: int, key: list, pick: Pick, rank: int, world: int, g: int = 1, adj=None
 ) -> Iterator[Batch]:
     """Global shuffle of all the epoch's pairs (groups); rank r takes every world-th one."""
     s, a = pick(np.arange(src.n, dtype=np.int64))
     perm = _grouped(np.random.default_rng(key + [0]).permutation(len(s) // g)[rank::world], g)
     s, a = s[perm], a[perm]
+    if adj is not None:  # Mixup pairs side by side
+        keep = adj(s, a)
+        s, a = s[keep], a[keep]
     for i in range(0, len(s), bs):
         yield s[i : i + bs], a[i : i + bs], src.read(s[i : i + bs], a[i : i + bs])
 
@@ -138,7 +157,7 @@ def _take(rows: Rows, idx: Any) -> Rows:
 
 def _chunk_epoch(
     src: Any, chunks: np.ndarray, bs: int, buffer_chunks: int, rng: np.random.Generator,
-    pick: Pick, g: int = 1,
+    pick: Pick, g: int = 1, adj=None,
 ) -> Iterator[Batch]:  # fmt: skip
     """Read `buffer_chunks` chunks (checksum-verified), shuffle their rows, yield full
     batches, carry the rest."""
@@ -154,6 +173,8 @@ def _chunk_epoch(
             parts_a.append(a)
             parts_r.append({k: v[s - start, a] for k, v in stored.items()})
         perm = _grouped(rng.permutation(sum(len(p) for p in parts_s) // g), g)
+        if adj is not None:  # Mixup pairs side by side
+            perm = perm[adj(np.concatenate(parts_s)[perm], np.concatenate(parts_a)[perm])]
         s = np.concatenate([left_s, np.concatenate(parts_s)[perm]])
         a = np.concatenate([left_a, np.concatenate(parts_a)[perm]])
         rows = {k: np.concatenate([p[k] for p in parts_r])[perm] for k in parts_r[0]}
@@ -165,6 +186,39 @@ def _chunk_epoch(
         left_s, left_a, left_r = s[full:], a[full:], _take(rows, slice(full, None))
     if len(left_s):
         yield left_s, left_a, src.decode_rows(left_r)
+
+
+def adjacent(partner: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """An order of entries (their ``keys`` = row * A + aug, in the epoch's shuffled order)
+    that puts each entry's partner entry (``partner`` = its key, -1 none) right after it,
+    pairs in the order of their first member; entries whose partner is absent go last.
+    Stage 2 then replays both views of a pair in one batch (one pre-mix view each)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    n = len(keys)
+    srt = np.argsort(keys, kind="stable")
+    pos = np.searchsorted(keys[srt], partner)
+    pos = np.minimum(pos, max(n - 1, 0))
+    found = (partner >= 0) & (n > 0)
+    if n:
+        found &= keys[srt][pos] == partner
+    j = np.where(found, srt[pos] if n else 0, -1)
+    i = np.arange(n)
+    mutual = found & (j != i)
+    mutual &= np.where(mutual, j, 0) >= 0
+    lead = np.where(mutual, np.minimum(i, j), n + i)  # unpaired: after every pair
+    return np.lexsort((i, lead)).astype(np.int64)
+
+
+def pair_order(rows, augs, partner_fn, num_augs: int) -> np.ndarray:
+    """``adjacent`` for (rows, augs) entries, the partner of each from ``partner_fn(rows,
+    augs)`` (partner rows, -1 none); identity order when ``partner_fn`` is None."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if partner_fn is None or not len(rows):
+        return np.arange(len(rows))
+    augs = np.asarray(augs, dtype=np.int64)
+    p = np.asarray(partner_fn(rows, augs), dtype=np.int64)
+    keys = rows * num_augs + augs
+    return adjacent(np.where(p >= 0, p * num_augs + augs, -1), keys)
 
 
 def default_memory_budget(fraction: float = 0.5) -> int:

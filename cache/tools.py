@@ -105,8 +105,10 @@ def _strong_row(st: dict | None) -> list[tuple[str, str]]:
         parts.append(f"random erasing p={st['reprob']} {st['remode']} x{st['recount']}")
     if st.get("mixup") or st.get("cutmix"):
         sw = f", switch {st['switch_prob']}" if "switch_prob" in st else ""
+        where = (f"pair mode in groups of {st['mix_group']} rows" if st.get("mixup_mode") ==
+                 "pair" else f"elem mode, partner rows of {st['num_rows']}")  # fmt: skip
         parts.append(f"mixup {st['mixup']} / cutmix {st['cutmix']} (p={st['mixup_prob']}{sw}, "
-                     f"partner rows of {st['num_rows']})")  # fmt: skip
+                     f"{where})")  # fmt: skip
     return [("augment", "; ".join(parts) + f"; view {st['size'][0]}x{st['size'][1]}")]
 
 

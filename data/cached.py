@@ -66,7 +66,8 @@ class CachedDataset(torch.utils.data.Dataset):
     `input` is the exact view the teacher saw: a uint8 (3, H, W) image (float in [0, 1]
     only for an in-RAM source whose batched policy resizes), or for text a dict of
     `input_ids` / `attention_mask` (batch them with `collate_fn=dataset.collate`). views:
-    "one" (len N; one cached view per row per epoch, chosen by (seed, epoch, row)), "all"
+    "one" (len N; one cached view per row per epoch, chosen by (seed, epoch, row); by
+    (seed, epoch, row // 16) in a pair-mode Mixup cache, whose pairs mix the same view), "all"
     (len N*A; item i is row i // A, view i % A) or K (len N; K views of one decoded row,
     inputs stacked (K, ...), as `distill --views K`). Call `set_epoch(e)` before each epoch
     (like DistributedSampler), before iterating the DataLoader: the epoch is in shared
@@ -108,6 +109,9 @@ class CachedDataset(torch.utils.data.Dataset):
             self.collate_text, tok = text_collate(spec, cache.tokenizer_files())
             self.pad_id = tok.pad_token_id or 0
         self.maker = ViewMaker(self.source, self.policy, self.collate_text, rows=self.rows)
+        self.mix_group = 0  # pair-mode Mixup/CutMix (data/pairs.py): views picked per group
+        if getattr(self.policy, "pairs", False):
+            self.mix_group = int(self.policy.strong["mix_group"])
         self.batched = use_batched(self.source, self.policy)
         self.labels = torch.as_tensor(cache.labels)
         if cache.nbytes() <= memory_budget_gb * (1 << 30):
@@ -133,8 +137,26 @@ class CachedDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range 0..{len(self) - 1}")
         if self.k == 0:
             return index // a, np.array([index % a])
-        start = choose_augs(self.seed, self.epoch, [index], a)[0]
+        by = index // self.mix_group if self.mix_group else index
+        start = choose_augs(self.seed, self.epoch, [by], a)[0]
         return index, (start + np.arange(self.k)) % a
+
+    def pair_adjacent(self, indices) -> np.ndarray:
+        """``indices`` reordered so the two items of each Mixup/CutMix pair of a pair-mode
+        cache sit side by side (a batch then makes each pre-mix view once); unchanged for
+        other caches and for K views per item. ``ChunkSampler`` applies it."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if not self.mix_group or self.k > 1 or not len(idx):
+            return idx
+        from kdcache.data.pairs import pair_order
+
+        a = self.cache.num_views
+        if self.k == 0:
+            rows, augs = idx // a, idx % a
+        else:
+            rows, augs = idx, choose_augs(self.seed, self.epoch, idx // self.mix_group, a)
+        fn = lambda r, v: self.policy.mix_of(self.cache.view_params(r, v))[0]  # noqa: E731
+        return idx[pair_order(rows, augs, fn, a)]
 
     def _batched(self, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
         """In-RAM images: one gather + the policy's batched replay, uint8 where no resize is
@@ -144,20 +166,23 @@ class CachedDataset(torch.utils.data.Dataset):
         x = self.policy.apply_uint8(raw, p)
         return self.policy.apply(raw, p) if x is None else x
 
-    def _replay(self, row: int, params: np.ndarray):
+    def _replay(self, row: int, params: np.ndarray, seen=None, memo=None):
         sample = int(self.rows[row])
         if self.batched:
             return self._batched(np.full(len(params), sample), params)
-        views, _ = self.maker.replay(sample, params)
+        views, _ = self.maker.replay(sample, params, row, seen, memo)
         if self.collate_text is not None:
             ids = self.collate_text([views]).repeat(len(params), 1)
             return self.policy.apply(ids, torch.from_numpy(params))
         return views
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._item(index)
+
+    def _item(self, index: int, seen=None, memo=None) -> dict[str, Any]:
         row, views = self.row_views(int(index))
         params = np.ascontiguousarray(self.cache.view_params(row, views), dtype=np.float32)
-        x = self._replay(row, params)
+        x = self._replay(row, params, seen, memo)
         t = torch.from_numpy(self.cache.logits_numpy(row, views))
         item = {"input": x, "label": self.labels[row], "teacher_logits": t, "row": row}
         item = item if self.collate_text is not None else CachedItem(item)
@@ -178,7 +203,9 @@ class CachedDataset(torch.utils.data.Dataset):
         gather of logits, params and views, and for in-RAM images one batched replay; items
         are equal to `[self[i] for i in indices]`."""
         if self.k != 1 or getattr(self.policy, "mixes", False) or self.collate_text is not None:
-            return [self[i] for i in indices]
+            seen: dict = {}  # originals and pre-mix views shared by the batch (Mixup pairs)
+            memo: dict = {}
+            return [self._item(i, seen, memo) for i in indices]
         rows = np.asarray(indices, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"indices out of range 0..{len(self) - 1}")
@@ -225,8 +252,9 @@ class ChunkSampler(torch.utils.data.Sampler):
     """Chunk-aware, rank-sharded order for a `CachedDataset` whose cache is bigger than RAM:
     each epoch shuffles the chunk order by (seed, epoch), deals chunks to ranks in turn, and
     shuffles items within buffers of `buffer_chunks` chunks, so reads stay sequential per
-    chunk. Every rank yields the same count (short ranks repeat their own items, like
-    DistributedSampler; `drop_last` trims instead). Call `set_epoch(e)` each epoch."""
+    chunk; in a pair-mode Mixup cache the two items of a pair sit side by side. Every rank
+    yields the same count (short ranks repeat their own items, like DistributedSampler;
+    `drop_last` trims instead). Call `set_epoch(e)` here and on the dataset each epoch."""
 
     def __init__(
         self,
@@ -275,7 +303,7 @@ class ChunkSampler(torch.utils.data.Sampler):
                 for c in mine[lo : lo + self.buffer]
             ])  # fmt: skip
             idx = (idx[:, None] * self.per_row + np.arange(self.per_row)).reshape(-1)
-            out.append(rng.permutation(idx) if self.shuffle else idx)
+            out.append(self.dataset.pair_adjacent(rng.permutation(idx) if self.shuffle else idx))
         items = np.concatenate(out) if out else np.empty(0, np.int64)
         if len(items) < self.num and len(items):  # pad with this rank's own items
             items = np.resize(items, self.num)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 from kdcache.cache.errors import KdcacheError
+from kdcache.data.maker import ViewMaker
 
 
 def use_batched(dataset, policy) -> bool:
@@ -32,89 +33,6 @@ def batched_views(dataset, policy, samples: np.ndarray, params: np.ndarray):
     return policy.apply(dataset.get(samples), torch.from_numpy(np.ascontiguousarray(params)))
 
 
-class ViewMaker:
-    """Picklable recipe shipped to the workers: dataset + policy (+ text collate). ``rows``
-    maps cache rows to dataset samples (Mixup/CutMix partners are cache rows)."""
-
-    def __init__(self, dataset, policy, text_collate=None, rows=None) -> None:
-        if dataset.modality == "text" and text_collate is None:
-            raise KdcacheError("a text dataset needs a tokenizer (text_collate)")
-        self.dataset, self.policy, self.text = dataset, policy, text_collate
-        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-
-    def _partner(self, row: int, seen: dict):
-        """Decode a partner row's original once per item."""
-        if row not in seen:
-            n = len(self.dataset) if self.rows is None else len(self.rows)
-            if not 0 <= row < n:
-                raise KdcacheError(f"mix partner row {row} is outside the {n} rows")
-            seen[row] = self.dataset.load(int(row if self.rows is None else self.rows[row]))
-        return seen[row]
-
-    def draw(self, sample: int, seed: int, num_augs: int, identity_view: bool, raw=None):
-        """Decode once, draw the A params (on the original size), cut the A views."""
-        from kdcache.data.views import philox_uniforms, view_params_for
-
-        raw = self.dataset.load(sample) if raw is None else raw
-        sizes = psizes = None
-        if self.policy.needs_size:
-            sizes = np.array([[raw.height, raw.width]], dtype=np.float64)
-        seen: dict = {}
-        if getattr(self.policy, "mixes", False):  # partners first: their boxes need their size
-            k = self.policy.num_uniforms
-            u = philox_uniforms(seed, [sample], num_augs * k).reshape(num_augs, k)
-            psizes = np.zeros((num_augs, 2))
-            for a, r in enumerate(self.policy.partner_rows(u)):
-                if r >= 0 and not (identity_view and a == 0):  # view 0: the eval view
-                    im = self._partner(int(r), seen)
-                    psizes[a] = (im.height, im.width)
-        params = view_params_for(
-            self.policy, seed, [sample], num_augs, identity_view, sizes, psizes
-        )[0]
-        return self.cut(raw, params, seen), params
-
-    def replay(self, sample: int, params):
-        """Decode once, cut the views of the stored ``params`` (k, P); ``("draw", seed, augs,
-        num_augs)`` draws fresh views instead (training without a cache). Returns
-        (views, params)."""
-        raw = self.dataset.load(sample)
-        if isinstance(params, tuple):  # ("draw", seed, augs, num_augs)
-            _, seed, augs, num = params
-            views, drawn = self.draw(sample, seed, num, False, raw)
-            return views[list(augs)], drawn[list(augs)]
-        params = np.asarray(params, dtype=np.float32)
-        return self.cut(raw, params), params
-
-    def cut(self, raw, params: np.ndarray, seen: dict | None = None):
-        if self.dataset.modality == "text":
-            return raw  # tokenized per batch in collate (dynamic padding)
-        if getattr(self.policy, "mixes", False):
-            seen = {} if seen is None else seen
-            views = []
-            for p in params:
-                r = self.policy.partner_of(p)
-                partner = None if r < 0 else self._partner(r, seen)
-                views.append(self.policy.view(raw, p, partner).numpy())
-        else:
-            views = [self.policy.view(raw, p).numpy() for p in params]
-        return torch.from_numpy(np.stack(views))  # numpy: no OpenMP team per small copy
-
-    def collate(self, items: list[tuple]) -> dict:
-        """items of (row, views-or-text, params (k, P)) -> one flat batch of all their views
-        (k may differ per item); ``rows`` has one entry per item, ``counts`` its k."""
-        rows = np.asarray([it[0] for it in items], dtype=np.int64)
-        counts = [len(it[2]) for it in items]
-        params = np.concatenate([np.asarray(it[2], dtype=np.float32) for it in items])
-        flat = torch.from_numpy(params)
-        if self.dataset.modality == "text":
-            ids = self.text([it[1] for it in items])
-            ids = ids.repeat_interleave(torch.tensor(counts), dim=0)
-            views = self.policy.apply(ids, flat)
-        else:
-            views = torch.from_numpy(np.concatenate([it[1].numpy() for it in items]))
-        return {"rows": rows, "counts": counts, "views": views, "params": params}
-
-
 class _Rows(torch.utils.data.Dataset):
     """Stage-1 items: cache row -> (row, A views, A params) of sample ``order[row]``."""
 
@@ -125,19 +43,40 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.order)
 
     def __getitem__(self, row: int):
-        views, params = self.maker.draw(int(self.order[row]), self.seed, self.a, self.ident)
+        views, params = self.maker.draw(int(self.order[row]), self.seed, self.a, self.ident,
+                                        row=int(row))  # fmt: skip
         return int(row), views, params
 
+    def __getitems__(self, rows: list[int]) -> list[tuple]:
+        """A batch of rows: pair-mode mixing makes a pair's pre-mix views once."""
+        if not getattr(self.maker.policy, "pairs", False):
+            return [self[r] for r in rows]
+        got = self.maker.draw_rows(rows, self.seed, self.a, self.ident)
+        return [(int(r), v, p) for r, (v, p) in zip(rows, got, strict=True)]
 
-def chunk_batches(ranges: Iterable[tuple[int, int]], rows_per_batch: int) -> list[list[int]]:
-    """Row batches cut inside each chunk range (never straddling two chunks)."""
+
+def chunk_batches(ranges: Iterable[tuple[int, int]], rows_per_batch: int,
+                  align: int = 1) -> list[list[int]]:  # fmt: skip
+    """Row batches cut inside each chunk range (never straddling two chunks); ``align`` > 1:
+    batches end on multiples of ``rows_per_batch`` rounded up to ``align`` rows (whole
+    pair-mode Mixup groups)."""
     out = []
+    step = max(1, rows_per_batch)
+    step = -(-step // align) * align
     for start, stop in ranges:
-        out += [
-            list(range(lo, min(lo + rows_per_batch, stop)))
-            for lo in range(start, stop, rows_per_batch)
-        ]
+        lo = start
+        while lo < stop:
+            hi = min(stop, lo + step if align == 1 else (lo // step + 1) * step)
+            out.append(list(range(lo, hi)))
+            lo = hi
     return out
+
+
+def mix_align(policy) -> int:
+    """Stage-1 batch alignment of a policy: whole pair-mode Mixup groups, else 1."""
+    from kdcache.data.pairs import GROUP
+
+    return GROUP if getattr(policy, "pairs", False) else 1
 
 
 def clean_errors(it: Iterable) -> Iterator:
@@ -181,9 +120,17 @@ class _Replay(torch.utils.data.Dataset):
         return 0  # items are planned by the sampler, never enumerated
 
     def __getitem__(self, item):
-        row, sample, params = item
-        views, params = self.maker.replay(sample, params)
-        return row, views, params
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list) -> list[tuple]:
+        """A batch: rows share decoded originals and pre-mix views (Mixup/CutMix pairs)."""
+        seen: dict = {}
+        memo: dict = {}
+        out = []
+        for row, sample, params in items:
+            views, params = self.maker.replay(sample, params, row, seen, memo)
+            out.append((row, views, params))
+        return out
 
 
 class _PlanSampler:
@@ -222,7 +169,8 @@ TEXT_POLICIES = ("identity", "token-mask")
 
 
 def make_policy(name: str, dataset, info: dict, image_size: int | None = None,
-                mask_prob: float = 0.15, tokenizer=None, strong: dict | None = None):  # fmt: skip
+                mask_prob: float = 0.15, tokenizer=None, strong: dict | None = None,
+                cached: bool = True):  # fmt: skip
     """The view policy of a run for this dataset and (teacher) model.
 
     Images: the view size defaults to the model's ``input_size``; the identity view is the
@@ -238,7 +186,7 @@ def make_policy(name: str, dataset, info: dict, image_size: int | None = None,
 
     pre = info.get("preprocessing") or {}
     mean, std = pre.get("mean", (0.485, 0.456, 0.406)), pre.get("std", (0.229, 0.224, 0.225))
-    resolved = resolve_strong(strong, dataset, base, mean, std)
+    resolved = resolve_strong(strong, dataset, base, mean, std, cached)
     return base if resolved is None else StrongPolicy(base, resolved)
 
 
@@ -266,12 +214,13 @@ def _base_policy(name, dataset, info, image_size, mask_prob, tokenizer):
     return get_policy(name, eval=ev)
 
 
-def row_order(dataset, seed: int) -> tuple[np.ndarray, dict | None]:
+def row_order(dataset, seed: int, permute: bool = False) -> tuple[np.ndarray, dict | None]:
     """Cache row r holds sample ``order[r]``: a seeded permutation for streaming sources, so
     chunks (and chunk-aware batches) of a class-sorted folder are class-mixed; in-RAM sources
-    keep their order. Returns (order, the spec's ``dataset.order`` entry or None)."""
+    keep their order unless ``permute`` (pair-mode Mixup groups consecutive rows). Returns
+    (order, the spec's ``dataset.order`` entry or None)."""
     n = len(dataset)
-    if getattr(dataset, "in_ram", False):
+    if getattr(dataset, "in_ram", False) and not permute:
         return np.arange(n, dtype=np.int64), None
     rng = np.random.Generator(np.random.Philox(key=(int(seed) & ((1 << 64) - 1)) | (7 << 64)))
     return rng.permutation(n).astype(np.int64), {"kind": "permutation", "seed": int(seed)}

@@ -19,6 +19,7 @@ from kdcache.data import augment, mix
 from kdcache.data.strongopts import StrongOptions
 
 REMODES = ("pixel", "rand", "const")
+MIX_MODES = ("pair", "elem")
 
 
 class StrongPolicy:
@@ -37,6 +38,7 @@ class StrongPolicy:
         self.reprob = float(s.get("reprob", 0.0))
         self.recount = int(s.get("recount", 1))
         self.mixes = float(s.get("mixup", 0.0)) > 0 or float(s.get("cutmix", 0.0)) > 0
+        self.pairs = self.mixes and s.get("mixup_mode") == "pair"  # data/pairs.py
         self.hp = {"fill": s.get("fill", [128, 128, 128]), "translate_const": s.get(
             "translate_const", 100)}  # fmt: skip
         self.params = {**base.params, "strong": s}
@@ -54,7 +56,8 @@ class StrongPolicy:
             base.num_uniforms + augment.num_uniforms(self.aa) + (8 if self.cj else 0)
             + (mix.erase_uniforms(self.recount) if self.reprob > 0 else 0)
         )  # fmt: skip
-        self.num_uniforms = self.k_single + (mix.MIX_UNIFORMS + self.k_single if self.mixes else 0)
+        tail = 0 if self.pairs else self.k_single  # pairs: the partner's own uniforms
+        self.num_uniforms = self.k_single + (mix.MIX_UNIFORMS + tail if self.mixes else 0)
 
     @property
     def param_dim(self) -> int:
@@ -100,6 +103,8 @@ class StrongPolicy:
         return mix.draw_mix(cfg, s["size"], int(s["num_rows"]), um)
 
     def from_uniforms(self, u: np.ndarray, sizes=None, partner_sizes=None) -> np.ndarray:
+        if self.pairs:
+            raise ValueError("pair-mode Mixup params depend on the rows: data.pairs")
         out = self._single(u[..., : self.k_single], sizes)
         if not self.mixes:
             return out
@@ -163,14 +168,30 @@ class StrongPolicy:
     def view(self, img, params, partner=None) -> torch.Tensor:
         """The final (mixed) uint8 view; ``partner`` = the partner row's original image."""
         p = np.asarray(params, dtype=np.float32)
-        x = self._one(img, p[: self.s_dim])
+        if self.mixes and p[self.s_dim] > 0 and partner is None:
+            raise ValueError("a mixed view needs its partner's image")
+        images = {0: img, 1: partner}
+        return torch.from_numpy(self.view_memo(0, p, images.__getitem__, {}, partner_row=1))
+
+    def view_memo(self, row: int, params, load, memo: dict, partner_row=None) -> np.ndarray:
+        """uint8 (3, H, W) view of cache ``row``; ``load(row)`` gives an original and
+        ``memo`` keeps pre-mix views by (row, params) within a batch, so the two views of a
+        Mixup/CutMix pair make each pre-mix view once. Never mutates a memo entry."""
+        p = np.asarray(params, dtype=np.float32)
+        x = self._premix(row, p[: self.s_dim], load, memo)
         if self.mixes and p[self.s_dim] > 0:
-            if partner is None:
-                raise ValueError("a mixed view needs its partner's image")
             m = p[self.s_dim : self.s_dim + len(mix.MIX_FIELDS)]
-            y = self._one(partner, p[self.s_dim + len(mix.MIX_FIELDS) :])
+            j = int(m[2]) if partner_row is None else partner_row
+            y = self._premix(j, p[self.s_dim + len(mix.MIX_FIELDS) :], load, memo)
             x = mix.apply_mix(x, y, m)
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return np.ascontiguousarray(x)
+
+    def _premix(self, row: int, q: np.ndarray, load, memo: dict) -> np.ndarray:
+        key = (row, q.tobytes())
+        x = memo.get(key)
+        if x is None:
+            x = memo[key] = self._one(load(row), q)
+        return x
 
     def partner_of(self, params) -> int:
         """The partner row of one view's params, -1 when it does not mix."""
@@ -198,7 +219,7 @@ STRONG_DEFAULTS = StrongOptions().strong()
 _FLAGS = {"aa": "--aa", "color_jitter": "--color-jitter", "reprob": "--reprob",
           "remode": "--remode", "recount": "--recount", "mixup": "--mixup",
           "cutmix": "--cutmix", "mixup_prob": "--mixup-prob",
-          "switch_prob": "--mixup-switch-prob"}  # fmt: skip
+          "switch_prob": "--mixup-switch-prob", "mixup_mode": "--mixup-mode"}  # fmt: skip
 
 
 def _given(opts: dict) -> list[str]:
@@ -223,12 +244,15 @@ def _check(opts: dict) -> None:
         raise bad("recount", opts["recount"], "a count >= 1")
     if opts["aa"]:
         augment.parse_aa(opts["aa"])
+    if opts.get("mixup_mode") not in (None, *MIX_MODES):
+        raise bad("mixup_mode", opts["mixup_mode"], f"one of {', '.join(MIX_MODES)}")
 
 
-def resolve_strong(opts: dict | None, dataset, base, mean, std) -> dict | None:
+def resolve_strong(opts: dict | None, dataset, base, mean, std, cached: bool = True) -> dict | None:
     """The ``strong`` params of a run from the --aa/--color-jitter/--reprob/--mixup...
     options (None when none is on: the base policy and its key are unchanged). Only what
-    changes pixels goes in; as in timm, --color-jitter is off when --aa is given."""
+    changes pixels goes in; as in timm, --color-jitter is off when --aa is given. Mixing
+    defaults to pair mode for a cache (``cached``) and is elem mode without one."""
     from kdcache.cache.errors import KdcacheError
 
     opts = {**STRONG_DEFAULTS, **{k: v for k, v in (opts or {}).items() if v is not None}}
@@ -260,39 +284,14 @@ def resolve_strong(opts: dict | None, dataset, base, mean, std) -> dict | None:
                    mixup_prob=float(opts["mixup_prob"]), num_rows=len(dataset))  # fmt: skip
         if opts["mixup"] > 0 and opts["cutmix"] > 0:
             out["switch_prob"] = float(opts["switch_prob"])
+        mode = opts.get("mixup_mode") or ("pair" if cached else "elem")
+        if mode == "pair" and not cached:
+            raise KdcacheError(
+                "--mixup-mode 'pair' pairs cache rows; without a cache views mix in elem "
+                "mode (expected --mixup-mode elem, or drop it)"
+            )
+        if mode == "pair":  # elem caches keep the key they had before pair mode existed
+            from kdcache.data.pairs import GROUP
+
+            out.update(mixup_mode="pair", mix_group=GROUP)
     return out if len(out) > 1 else None  # e.g. --color-jitter 0: nothing changes pixels
-
-
-def describe() -> list[dict]:
-    """`kdcache list views`: the strong stages, their options, view params and fidelity."""
-    from kdcache.data.augment import OP_DOCS, OPS
-
-    same = "identical to timm's AugmentOp with the same params (same PIL calls)"
-    return [
-        {"name": "--aa", "modality": "image",
-         "help": "RandAugment rand-m9-n2-mstd0.5-inc1-p0.5-mmax10 (timm grammar), "
-                 "trivialaugment (= rand-n1-m10-mstd101-inc1-p1), AutoAugment original|originalr"
-                 " [-mstd0.5]; ops on the base view, fill = teacher mean, bilinear|bicubic",
-         "view_params": [f"aa{{k}}_{f}" for f in augment.LAYER_FIELDS],
-         "options": {"aa": None},
-         "ops": [{"id": i, "name": n, "arg": OP_DOCS[n], "replay": same}
-                 for i, n in enumerate(OPS)]},
-        {"name": "--color-jitter", "modality": "image",
-         "help": "torchvision ColorJitter(b, c, s) with b=c=s=strength, random order; off "
-                 "with --aa (as timm); replay identical to ColorJitter with these params",
-         "view_params": list(mix.CJ_FIELDS), "options": {"color_jitter": None}},
-        {"name": "--reprob", "modality": "image",
-         "help": "timm RandomErasing: rects identical; fill = timm's normalized fill "
-                 "(const 0, rand per channel, pixel per pixel N(0,1) from re_seed) as uint8 "
-                 "pixels: timm's values clipped to [0, 255] within rounding (>= 40 dB); "
-                 "normals beyond the pixel range cannot be held by a uint8 view",
-         "view_params": ["re{k}_t", "re{k}_l", "re{k}_h", "re{k}_w", "re_seed"],
-         "options": {"reprob": 0.0, "remode": "pixel", "recount": 1}},
-        {"name": "--mixup/--cutmix", "modality": "image",
-         "help": "timm Mixup (elem mode) without a batch: partner row, lam ~ Beta(alpha) and the "
-                 "CutMix box (lam corrected to its area) drawn from (seed, sample, view); the "
-                 "partner's own view params follow (p_*); CutMix identical, Mixup's uint8 "
-                 "rounding >= 40 dB; distill's CE uses lam*y + (1-lam)*y_partner",
-         "view_params": list(mix.MIX_FIELDS) + ["p_..."],
-         "options": {"mixup": 0.0, "cutmix": 0.0, "mixup_prob": 1.0, "switch_prob": 0.5}},
-    ]  # fmt: skip

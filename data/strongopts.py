@@ -19,6 +19,7 @@ class StrongOptions:
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
+    mixup_mode: str | None = None  # pair (cache default) | elem (data/pairs.py)
 
     def strong(self) -> dict:
         """The options as ``data.strong.resolve_strong`` takes them."""

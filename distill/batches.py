@@ -35,12 +35,16 @@ def views_per_sample(views) -> int:
 
 
 def plan_epoch(
-    n: int, num_augs: int, batch_size: int, seed: int, epoch: int, views: str, world_size: int = 1
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    n: int, num_augs: int, batch_size: int, seed: int, epoch: int, views: str, world_size: int = 1,
+    mix_group: int = 0, partner_fn=None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     """Global (samples, augs) batches: one seeded view per sample, every cached view, or K
     distinct views per sample kept adjacent (one decode; a batch holds batch_size // K
-    samples). Without a cache (num_augs 1) aug k means the k-th fresh draw."""
+    samples). Without a cache (num_augs 1) aug k means the k-th fresh draw. A pair-mode
+    Mixup cache (``mix_group``, ``partner_fn``; data/pairs.py): "one" picks the view per
+    group of rows, and the two views of a pair are kept adjacent (one pre-mix view each)."""
     from kdcache.cache.reader import choose_augs
+    from kdcache.data.pairs import pair_order
 
     rng = _rng(seed, epoch)
     k = views_per_sample(views)
@@ -58,7 +62,11 @@ def plan_epoch(
         samples, augs = pairs // num_augs, pairs % num_augs
     else:
         samples = rng.permutation(n)
-        augs = choose_augs(seed, epoch, samples, num_augs) if num_augs > 1 else samples * 0
+        by = samples // mix_group if mix_group else samples
+        augs = choose_augs(seed, epoch, by, num_augs) if num_augs > 1 else samples * 0
+    if k <= 1 and partner_fn is not None:
+        keep = pair_order(samples, augs, partner_fn, num_augs)
+        samples, augs = samples[keep], augs[keep]
     for lo in range(0, len(samples), batch_size):
         s, a = samples[lo : lo + batch_size], augs[lo : lo + batch_size]
         if len(s) >= world_size:  # every rank must get a row, or DDP would hang
@@ -87,6 +95,11 @@ class BatchMaker:
         self.batched = use_batched(dataset, policy)
         self.workers, self.pin = workers, pin
         self.group = 1  # views per sample kept together (--views K)
+        self.mix_group, self.partner_fn = 0, None
+        if self.cached and getattr(policy, "pairs", False):  # pair-mode Mixup/CutMix cache
+            self.mix_group = int(policy.strong["mix_group"])
+            vp, sd = teacher.view_params, policy.s_dim  # (N, A, P): read two columns only
+            self.partner_fn = lambda r, a: np.where(vp[r, a, sd] > 0, vp[r, a, sd + 2], -1)
         self._loader: ReplayLoader | None = None
 
     def _plan(self, samples, augs, epoch, t_logits=None, sliced: bool = False) -> dict:
@@ -199,13 +212,16 @@ def epoch_batches(
                 world_size=make.world,
                 drop_last=make.world > 1,  # the same number of steps on every rank
                 group=make.group,
+                mix_group=make.mix_group,
+                partner_fn=make.partner_fn,
             )
         )
     else:
         num_augs = t.num_augs if make.cached else 1
+        mixing = (make.mix_group, make.partner_fn)
         plans = (
             make._plan(s, a, epoch)
-            for s, a in plan_epoch(n, num_augs, batch_size, seed, epoch, views, make.world)
+            for s, a in plan_epoch(n, num_augs, batch_size, seed, epoch, views, make.world, *mixing)
         )
     if not make.batched:
         return make.stream(plans)

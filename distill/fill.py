@@ -66,6 +66,7 @@ def fill_missing(
         cache_rows,
         chunk_batches,
         clean_errors,
+        mix_align,
         precompute_loader,
     )
     from kdcache.data.views import get_policy
@@ -84,7 +85,7 @@ def fill_missing(
         todo = w.todo_chunks()
         ranges = [w.chunk_range(c) for c in todo]
         maker = ViewMaker(dataset, policy, getattr(dataset, "collate", None), rows=order)
-        batches = chunk_batches(ranges, max(1, batch_size // a))
+        batches = chunk_batches(ranges, max(1, batch_size // a), mix_align(policy))
         loader = precompute_loader(maker, order, v["seed"], a, bool(v["identity_view"]), batches)
         it = clean_errors(loader)
         for c, (start, stop) in zip(todo, ranges, strict=True):

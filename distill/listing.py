@@ -84,7 +84,7 @@ def _views() -> list[dict[str, Any]]:
                 "options": options,
             }
         )
-    from kdcache.data.strong import describe
+    from kdcache.data.strongdoc import describe
 
     return rows + describe()  # strong augmentation stages, composed on any image policy
 

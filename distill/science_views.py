@@ -45,7 +45,7 @@ def teacher(out: Path, epochs: int) -> Path:
     return run / "best.pt"
 
 
-def cache(out: Path, weights: Path, augs: int, n: int | None) -> str:
+def cache(out: Path, weights: Path, augs: int, n: int | None, mode: str = "pair") -> str:
     """The teacher's logits for `augs` strong views per sample (precompute resumes/skips).
     No identity view: with one, view 0 is the clean eval view and a cache of A views would
     train on 1/A clean images, which online KD (and the question) never does."""
@@ -53,7 +53,7 @@ def cache(out: Path, weights: Path, augs: int, n: int | None) -> str:
     stdout = cli("precompute", "--teacher", "resnet20", "--weights", str(weights),
                  "--dataset", "digits", "--augment", "crop-flip", "--num-augs", str(augs),
                  "--no-identity-view",  # every view strong: else 1/A of them are clean
-                 *_flags(STRONG), "--chunk-samples", "256", *few,
+                 *_flags(STRONG), "--mixup-mode", mode, "--chunk-samples", "256", *few,
                  "--out", str(out / f"caches-a{augs}"))  # fmt: skip
     return next(ln.split(None, 1)[1] for ln in stdout.splitlines() if ln.startswith("cache "))
 
@@ -175,13 +175,16 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=0, help="Parallel runs (0: one per core).")
     ap.add_argument("--report-only", action="store_true", help="Rebuild the report, train nothing.")
     ap.add_argument("--figure", default=None, help="Also write the figure here (the README's).")
+    ap.add_argument("--mixup-mode", default="pair", choices=("pair", "elem"),
+                    help="Partners of the caches' Mixup/CutMix (online KD is elem).")  # fmt: skip
     a = ap.parse_args()
     out = Path(a.out).resolve()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # teacher + precompute on a shared machine
     weights = teacher(out, a.teacher_epochs)
     augs = [int(x) for x in a.augs.split(",")]
     with ThreadPoolExecutor(max_workers=max(1, min(2, a.jobs or 2))) as pool:  # biggest first
-        made = pool.map(lambda k: (k, cache(out, weights, k, a.max_samples)), sorted(augs)[::-1])
+        made = pool.map(lambda k: (k, cache(out, weights, k, a.max_samples, a.mixup_mode)),
+                        sorted(augs)[::-1])  # fmt: skip
         caches = dict(sorted(made))
     sizes = {k: nbytes(c) for k, c in caches.items()}
     plans = specs(out, caches, weights, parse_seeds(a.seeds), a.epochs, a.max_samples)

@@ -81,7 +81,9 @@ def _policy(cfg: DistillConfig, cache, info: dict, dataset, tok=None):
     name = cfg.augment
     if dataset.modality == "text" and name not in ("identity", "token-mask"):
         name = "identity"
-    return make_policy(name, dataset, info, cfg.image_size, tokenizer=tok, strong=cfg.strong())
+    return make_policy(
+        name, dataset, info, cfg.image_size, tokenizer=tok, strong=cfg.strong(), cached=False
+    )
 
 
 def build_run(cfg: DistillConfig, rt) -> Run:

@@ -172,12 +172,13 @@ def chunk_loader(setup: Setup, cfg: PrecomputeConfig, ranges, pin: bool = False)
     """Per chunk range, a generator of its loader batches (dicts with rows, views, params) made
     by DataLoader worker processes, each sample decoded once for its A views; batches never
     straddle chunks. Consume each chunk's batches before asking for the next chunk."""
-    from kdcache.data.loader import chunk_batches, clean_errors, precompute_loader
+    from kdcache.data.loader import chunk_batches, clean_errors, mix_align, precompute_loader
 
     a = setup.spec.num_augs
+    batches = chunk_batches(ranges, max(1, cfg.batch_size // a), mix_align(setup.policy))
     loader = precompute_loader(
         setup.maker, setup.order, setup.spec.views["seed"], a, setup.spec.views["identity_view"],
-        chunk_batches(ranges, max(1, cfg.batch_size // a)), workers=cfg.workers, pin=pin,
+        batches, workers=cfg.workers, pin=pin,
     )  # fmt: skip
     it = clean_errors(loader)
 

@@ -61,7 +61,9 @@ class Setup:
             a, p = params.shape[1:]
             rows = np.full(a, sample)
             return batched_views(self.dataset, self.policy, rows, params.reshape(a, p)), params[0]
-        views, params = self.maker.draw(sample, v["seed"], v["num_augs"], v["identity_view"])
+        views, params = self.maker.draw(
+            sample, v["seed"], v["num_augs"], v["identity_view"], row=int(row)
+        )
         return self.maker.collate([(row, views, params)])["views"], params
 
     def provenance(self, cfg: PrecomputeConfig) -> dict:
@@ -177,7 +179,7 @@ def build_setup(cfg: PrecomputeConfig, device: torch.device | None = None) -> Se
     policy = make_policy(
         cfg.augment, dataset, info, cfg.image_size, cfg.mask_prob, tok, strong=cfg.strong()
     )
-    order, order_spec = row_order(dataset, cfg.seed)
+    order, order_spec = row_order(dataset, cfg.seed, getattr(policy, "pairs", False))
     dataset_spec = dataset.spec()
     # the source kind, not its location: the same shards at another path or bucket give the
     # same key (the fingerprint identifies the data); the location goes to provenance

@@ -41,6 +41,14 @@ def _policy(cache):
     return get_policy(cache.spec.views["policy"], **cache.spec.views["params"])
 
 
+def _order(cache, ds) -> np.ndarray:
+    """Cache row -> dataset sample (pair-mode Mixup caches permute even in-RAM rows)."""
+    from kdcache.data.loader import cache_rows
+
+    keys = cache.keys() if callable(cache.keys) else cache.keys
+    return cache_rows(cache.spec.dataset, lambda: keys, ds)[0]
+
+
 def test_params_and_logits_independent_of_batch_and_workers(strong_cache, tmp_path):
     other = _precompute(tmp_path / "w.zarr", "--batch-size", "200", "--workers", "2")
     with open_cache(strong_cache) as a, open_cache(other) as b:
@@ -52,11 +60,13 @@ def test_params_and_logits_independent_of_batch_and_workers(strong_cache, tmp_pa
         np.testing.assert_allclose(a.read(np.arange(40), np.full(40, 2)),
                                    b.read(np.arange(40), np.full(40, 2)), atol=1e-2)  # fmt: skip
         policy = _policy(a)
-    # a function of (seed, sample, view) only: sample 17 drawn alone gives its stored params
+        order = _order(a, _dataset())
+    # a function of (seed, sample, view) only: row 17 drawn alone gives its stored params
     from kdcache.data.loader import ViewMaker
 
-    maker = ViewMaker(_dataset(), policy, rows=np.arange(40))
-    _, alone = maker.draw(17, 0, 3, True)
+    assert policy.pairs and not np.array_equal(order, np.arange(40))
+    maker = ViewMaker(_dataset(), policy, rows=order)
+    _, alone = maker.draw(int(order[17]), 0, 3, True)
     assert np.array_equal(alone, pa[17])
     mode = pa[:, 1:, policy.s_dim]
     assert (mode == 1).any() and (mode == 2).any()  # both mixup and cutmix views
@@ -77,19 +87,22 @@ def test_mixed_view_logits_equal_the_teacher_on_the_replayed_image(strong_cache)
         params, policy = c.view_params(), _policy(c)
         rows = np.arange(40).repeat(3)
         cached = c.read(rows, np.tile(np.arange(3), 40)).reshape(40, 3, -1)
-    maker = ViewMaker(ds, policy, rows=np.arange(40))
+        order = _order(c, ds)
+    maker = ViewMaker(ds, policy, rows=order)
     model, _ = create_model("resnet8", num_classes=10, init_seed=0)
     model.eval()
     sd = policy.s_dim
     picked = [(i, a) for i in range(40) for a in (1, 2) if params[i, a, sd] > 0][:6]
     assert {int(params[i, a, sd]) for i, a in picked} == {1, 2}
     for i, a in picked:
-        view = maker.replay(i, params[i, a][None])[0][0]
+        view = maker.replay(int(order[i]), params[i, a][None])[0][0]
         partner = int(params[i, a, sd + 2])
         lam = float(params[i, a, sd + 1])
         assert 0.0 < lam < 1.0 and 0 <= partner < 40
-        mine = policy.view(ds.load(i), np.r_[params[i, a, :sd], np.zeros(len(params[i, a]) - sd)])
-        theirs = policy._one(ds.load(partner), params[i, a, sd + len(mix.MIX_FIELDS) :])
+        mine = policy.view(
+            ds.load(int(order[i])), np.r_[params[i, a, :sd], np.zeros(len(params[i, a]) - sd)]
+        )
+        theirs = policy._one(ds.load(int(order[partner])), params[i, a, sd + len(mix.MIX_FIELDS) :])
         want = mix.apply_mix(mine.numpy(), theirs, params[i, a, sd : sd + len(mix.MIX_FIELDS)])
         assert np.array_equal(view.numpy(), want)
         with torch.no_grad():
@@ -109,10 +122,11 @@ def test_stage2_trains_against_lambda_mixed_labels(strong_cache, tmp_path):
     teacher = CachedTeacher(caches, "same", "mean-logits", 1 << 30)
     with open_cache(strong_cache) as c:
         policy, params = _policy(c), c.view_params()
+        order = _order(c, ds)
     make = BatchMaker(ds, policy, teacher)
     samples, augs = np.arange(12), np.array([1, 2] * 6)
     b = make(samples, augs, epoch=0)
-    labels = np.asarray(ds.labels)
+    labels = np.asarray(ds.labels)[order]  # of cache rows
     sd = policy.s_dim
     p = params[samples, augs]
     on = p[:, sd] > 0
@@ -154,7 +168,7 @@ def test_spec_key_covers_every_policy_parameter():
         {"reprob": 0.5}, {"reprob": 0.25, "remode": "const"}, {"reprob": 0.25, "recount": 2},
         {"mixup": 0.8}, {"mixup": 0.2}, {"cutmix": 1.0}, {"mixup": 0.8, "mixup_prob": 0.5},
         {"mixup": 0.8, "cutmix": 1.0}, {"mixup": 0.8, "cutmix": 1.0, "mixup_switch_prob": 0.3},
-        {"augment": "identity", "mixup": 0.8},
+        {"augment": "identity", "mixup": 0.8}, {"mixup": 0.8, "mixup_mode": "elem"},
     ]  # fmt: skip
     keys = [_key(**v) for v in variants]
     assert len(set(keys + [base])) == len(variants) + 1
