@@ -5,6 +5,7 @@ Rows (each its own subprocess, 2 epochs of digits, batch 64, crop-flip; rate = e
   kdcache CE      `cli.py distill --loss ce`: its own samples/s from OUT/metrics.jsonl
   kdcache cached  `cli.py distill --loss kd --cache C` (C precomputed once, not timed)
   plain CE        bench/timm_loops.PeerMode: normalize, forward, CE, backward, step
+  plain CE, held  the same with distill's CPU allocator setting (models/malloc.hold_heap)
   timm online     timm's LogitDistillationTask with the teacher in memory
 ideal = (student step + teacher forward) / student step, timed alone in the online peer.
 """
@@ -38,9 +39,10 @@ def _distill(args, tmp: Path, name: str, extra: list[str]) -> float:
     return float([r for r in rows if "samples_per_s" in r][-1]["samples_per_s"])
 
 
-def _peer(args, weights: str | None) -> dict:
+def _peer(args, weights: str | None, hold: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peer", "--student", args.student,
            "--batch-size", str(args.batch_size), "--device", args.device]  # fmt: skip
+    cmd += ["--hold-heap"] if hold else []
     if weights:
         cmd += ["--teacher", args.teacher, "--weights", weights]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -64,8 +66,13 @@ def peer_main(argv: list[str]) -> None:
     for k in ("--student", "--device", "--teacher", "--weights"):
         ap.add_argument(k)
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--hold-heap", action="store_true")
     a = ap.parse_args(argv)
     rt = init_runtime(a.device)
+    if a.hold_heap and rt.device.type == "cpu":  # what distill does on the CPU
+        from kdcache.models.malloc import hold_heap
+
+        hold_heap()
     cfg = DistillConfig(student=a.student, dataset="digits", loss="ce", epochs=2,
                         batch_size=a.batch_size, device=a.device)  # fmt: skip
     teacher = None
@@ -118,6 +125,7 @@ def run(args) -> None:
         for _ in range(args.repeats):
             rates.setdefault("kdcache CE", []).append(_distill(args, tmp, "ce", ["--loss", "ce"]))
             rates.setdefault("plain CE", []).append(_peer(args, None)["rate"])
+            rates.setdefault("plain CE, held heap", []).append(_peer(args, None, True)["rate"])
             kd = ["--loss", "kd", "--cache", str(cache)]
             rates.setdefault("kdcache cached kd", []).append(_distill(args, tmp, "kd", kd))
             on = _peer(args, weights)
@@ -136,6 +144,9 @@ def run(args) -> None:
         paired = statistics.median(a / b for a, b in pairs)
         print(f"{'kdcache CE / plain':<28} {ce / plain:.3f}  goal >= 0.98  (median of the "
               f"per-round ratios {paired:.3f}: the machine drifts between processes)")  # fmt: skip
+        held = med["plain CE, held heap"]
+        print(f"{'kdcache CE / plain, held':<28} {ce / held:.3f}  (the plain loop with distill's "
+              "CPU allocator setting, models/malloc.hold_heap: like for like)")  # fmt: skip
         print(f"{'cached / kdcache CE':<28} {cached / ce:.3f}")
         print(f"{'ideal (s+t)/s':<28} {ideal:.3f}")
         print(f"{'cached / timm online':<28} {cached / online:.3f}  goal >= 0.97 x ideal "

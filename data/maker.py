@@ -105,8 +105,8 @@ class ViewMaker:
             return raw  # tokenized per batch in collate (dynamic padding)
         if getattr(self.policy, "mixes", False):
             seen = {} if seen is None else seen
-            memo = {} if memo is None else memo
-            me = ("sample", id(raw)) if row is None else int(row)  # own key when row unknown
+            memo = {} if memo is None or row is None else memo  # shared only under a row key
+            me = -1 if row is None else int(row)  # partners are rows >= 0
 
             def load(r):
                 return raw if r == me else self._partner(int(r), seen)

@@ -208,6 +208,18 @@ def run_config(spec: StudySpec, r: PlannedRun) -> dict:
     return cfg.to_dict()
 
 
+def _with_new_defaults(old: dict, cfg: dict) -> dict:
+    """A stored run config plus the options added to DistillConfig since it was written,
+    where this plan keeps their defaults (a finished study stays resumable across versions)."""
+    from dataclasses import MISSING, fields
+
+    from kdcache.distill.config import DistillConfig
+
+    default = {f.name: f.default for f in fields(DistillConfig) if f.default is not MISSING}
+    new = {k: v for k, v in cfg.items() if k not in old and k in default and v == default[k]}
+    return {**new, **old}
+
+
 def _pending(spec: StudySpec, runs: list[PlannedRun]) -> list[tuple[PlannedRun, dict]]:
     """Runs without a result; refuses a finished run whose stored config differs."""
     todo = []
@@ -215,9 +227,10 @@ def _pending(spec: StudySpec, runs: list[PlannedRun]) -> list[tuple[PlannedRun, 
         cfg = run_config(spec, r)
         stored = r.dir / "run.json"
         if stored.exists():
-            old = json.loads(stored.read_text())
+            old = _with_new_defaults(json.loads(stored.read_text()), cfg)
             if old != cfg:
-                diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+                diff = sorted(k for k in set(old) | set(cfg)
+                              if k not in old or k not in cfg or old[k] != cfg[k])  # fmt: skip
                 raise KdcacheError(
                     f"{r.dir} was planned with other settings ({', '.join(diff)} differ); "
                     f"use another --out for a different study"

@@ -28,7 +28,7 @@ from kdcache.distill.progress import EpochBar, check_options, place_on_device
 from kdcache.distill.recipe import ModelEma, Recipe, epoch_lr, steps_per_epoch, warmup_factor
 from kdcache.distill.setup import build_run, make_optimizer, make_scheduler
 from kdcache.distill.steplog import StepLog
-from kdcache.models.malloc import trim, trimming
+from kdcache.models.malloc import hold_heap, trim, trimming
 from kdcache.models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
 from tqdm import tqdm
 
@@ -72,6 +72,8 @@ def _run(cfg: DistillConfig, rt: Runtime) -> dict:
     cuda = rt.device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
+    elif rt.device.type == "cpu":  # models/malloc.py: no page faults of fresh scratch per step
+        hold_heap()
     model = r.model.to(rt.device)
     channels_last = cuda and r.modality == "image"
     if channels_last:

@@ -11,6 +11,13 @@ inside the loops, so its cost (the next step faults those pages in again) stays 
 A fixed mmap threshold (mallopt, or `MALLOC_MMAP_THRESHOLD_=262144`) keeps RSS flatter still
 but made CPU training 1.3-2x slower (every activation mapped and faulted in anew each step),
 so it is an opt-in through the environment, not the default (README, bench/data.py).
+
+CPU training (`hold_heap`): buffers over glibc's 32 MB mmap cap (oneDNN's convolution
+scratch: resnet18, batch 64, 32x32 maps and unmaps 3x72 MB + 36 MB per step) are always
+mapped, and the heap top is trimmed back by `free` (~38 MB a step), so every step faulted
+~22k fresh pages in again (~70-90 ms of kernel time of a ~450 ms step on 2 cores). With
+mapping off and automatic trimming off those pages stay in the heap and are reused; RSS is
+still handed back by the explicit `trim()` calls above (set-up, epoch ends, every 20 s).
 """
 
 from __future__ import annotations
@@ -46,6 +53,18 @@ def trim() -> None:
     if libc is not None:
         libc.malloc_trim(0)
     _last[0] = time.monotonic()
+
+
+def hold_heap() -> bool:
+    """Serve every allocation from the heap and trim it only through `trim()` (mallopt
+    M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB): a CPU training step then reuses its big scratch
+    buffers' pages instead of mapping and faulting them in anew. Process-wide and one-way
+    (glibc's dynamic mmap threshold stays off); False without glibc."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def maybe_trim(every: float = TRIM_EVERY_S) -> bool:

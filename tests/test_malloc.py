@@ -67,3 +67,36 @@ def test_bench_sampler_sees_main_and_worker_rss():
     rows = growth_rows(1000, {**r, "peak": 100.0}, 2000, {**r, "peak": 101.0})
     assert r["steady"] <= r["busy_max"] <= r["peak"] + 1
     assert rows[3] == ("main peak (VmHWM)", 100.0, 101.0, 1.024)  # 1 MB over 1000 images
+
+
+def test_hold_heap_keeps_big_buffers_until_trim():
+    """CPU distill (`hold_heap`): a 64 MB buffer comes from the heap and stays resident when
+    freed (the next step reuses its pages instead of faulting fresh ones in), until trim()."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes
+from kdcache.models import malloc
+from tests.test_malloc import _rss_mb
+libc = malloc._libc()
+if libc is None or not malloc.hold_heap():
+    print("skip"); raise SystemExit
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+blk = libc.malloc(64 << 20)
+libc.memset(blk, 1, 64 << 20)
+a = _rss_mb(); libc.free(blk); b = _rss_mb(); malloc.trim(); c = _rss_mb()
+print(a - b, b - c)
+"""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         check=True).stdout.split()  # fmt: skip
+    if out == ["skip"]:
+        pytest.skip("needs glibc")
+    kept, trimmed = (float(v) for v in out)
+    assert kept < 8 and trimmed > 50, (kept, trimmed)

@@ -117,6 +117,14 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
         run_study(spec)
     spec.distill = {"epochs": 1}
     assert run_study(spec)["trained"] == 0  # same again: resumable
+    stored = tmp_path / "runs/resnet8/ce/seed0/run.json"
+    old = json.loads(stored.read_text())
+    stored.write_text(json.dumps({k: v for k, v in old.items() if k != "mixup_mode"}))
+    assert run_study(spec)["trained"] == 0  # an option added since, at its default: still done
+    stored.write_text(json.dumps({**old, "mixup_mode": "elem"}))
+    with pytest.raises(KdcacheError, match="ce/seed0 was planned with other settings .mixup_mode"):
+        run_study(spec)
+    stored.write_text(json.dumps(old))
     from kdcache.distill.losses import LOSSES
 
     changed = dataclasses.replace(LOSSES["lsr"], defaults={"eps": 0.2})
