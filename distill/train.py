@@ -28,7 +28,7 @@ from kdcache.distill.progress import EpochBar, check_options, place_on_device
 from kdcache.distill.recipe import ModelEma, Recipe, epoch_lr, steps_per_epoch, warmup_factor
 from kdcache.distill.setup import build_run, make_optimizer, make_scheduler
 from kdcache.distill.steplog import StepLog
-from kdcache.models.malloc import hold_heap, trim, trimming
+from kdcache.models.malloc import hold_heap, release_heap, trim, trimming
 from kdcache.models.runtime import Runtime, barrier, init_runtime, shutdown, write_run_config
 from tqdm import tqdm
 
@@ -58,6 +58,7 @@ def run(cfg: DistillConfig) -> dict:
             return run_lm(cfg, rt)
         return _run(cfg, rt)
     finally:
+        release_heap()  # undoes _run's hold_heap (CPU) for the rest of the process
         shutdown(rt)
 
 

@@ -33,6 +33,8 @@ from typing import TypeVar
 T = TypeVar("T")
 TRIM_EVERY_S = 20.0
 _last = [0.0]
+_held = [False]  # hold_heap() is on (release_heap() undoes it)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h>
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,13 +60,26 @@ def trim() -> None:
 def hold_heap() -> bool:
     """Serve every allocation from the heap and trim it only through `trim()` (mallopt
     M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB): a CPU training step then reuses its big scratch
-    buffers' pages instead of mapping and faulting them in anew. Process-wide and one-way
-    (glibc's dynamic mmap threshold stays off); False without glibc."""
+    buffers' pages instead of mapping and faulting them in anew. Process-wide until
+    `release_heap()` (distill's `run` calls it at the end); False without glibc."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    _held[0] = True
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_heap() -> None:
+    """Undo `hold_heap()` when a run ends (a notebook's process goes on): glibc's default
+    limits back (65536 mmaps, trim above 128 KiB; its dynamic mmap threshold stays off) and
+    the held pages returned now."""
+    if not _held[0]:
+        return
+    _held[0] = False
+    libc = _libc()
+    libc.mallopt(_M_MMAP_MAX, 65536)
+    libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    trim()
 
 
 def maybe_trim(every: float = TRIM_EVERY_S) -> bool:
