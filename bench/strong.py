@@ -113,7 +113,7 @@ def kdcache_passes(root: Path, workers: int, augs: int, mixing: str) -> tuple[fl
 
     group, fn = 0, None
     if getattr(policy, "pairs", False):
-        group, fn = policy.strong["mix_group"], (lambda r, a: policy.mix_of(flat[r, a])[0])
+        group, fn = policy.strong["mix_group"], (lambda r, a: policy.partners_in(flat, r, a))
     plan = [([(int(r), int(r), flat[r, a][None]) for r, a in zip(s, v, strict=True)], None)
             for s, v in plan_epoch(n, augs, 64, 0, 0, "one", 1, group, fn)]  # fmt: skip
     loader = L.ReplayLoader(maker, workers)

@@ -172,11 +172,12 @@ def _chunk_epoch(
             parts_s.append(s)
             parts_a.append(a)
             parts_r.append({k: v[s - start, a] for k, v in stored.items()})
-        perm = _grouped(rng.permutation(sum(len(p) for p in parts_s) // g), g)
+        cat_s, cat_a = np.concatenate(parts_s), np.concatenate(parts_a)
+        perm = _grouped(rng.permutation(len(cat_s) // g), g)
         if adj is not None:  # Mixup pairs side by side
-            perm = perm[adj(np.concatenate(parts_s)[perm], np.concatenate(parts_a)[perm])]
-        s = np.concatenate([left_s, np.concatenate(parts_s)[perm]])
-        a = np.concatenate([left_a, np.concatenate(parts_a)[perm]])
+            perm = perm[adj(cat_s[perm], cat_a[perm])]
+        s = np.concatenate([left_s, cat_s[perm]])
+        a = np.concatenate([left_a, cat_a[perm]])
         rows = {k: np.concatenate([p[k] for p in parts_r])[perm] for k in parts_r[0]}
         if left_r is not None:
             rows = {k: np.concatenate([left_r[k], v]) for k, v in rows.items()}
@@ -193,20 +194,16 @@ def adjacent(partner: np.ndarray, keys: np.ndarray) -> np.ndarray:
     that puts each entry's partner entry (``partner`` = its key, -1 none) right after it,
     pairs in the order of their first member; entries whose partner is absent go last.
     Stage 2 then replays both views of a pair in one batch (one pre-mix view each)."""
-    keys = np.asarray(keys, dtype=np.int64)
+    keys, partner = np.asarray(keys, dtype=np.int64), np.asarray(partner, dtype=np.int64)
     n = len(keys)
+    if n == 0:
+        return np.arange(0)
     srt = np.argsort(keys, kind="stable")
-    pos = np.searchsorted(keys[srt], partner)
-    pos = np.minimum(pos, max(n - 1, 0))
-    found = (partner >= 0) & (n > 0)
-    if n:
-        found &= keys[srt][pos] == partner
-    j = np.where(found, srt[pos] if n else 0, -1)
+    j = srt[np.minimum(np.searchsorted(keys[srt], partner), n - 1)]  # where the partner is
     i = np.arange(n)
-    mutual = found & (j != i)
-    mutual &= np.where(mutual, j, 0) >= 0
+    mutual = (partner >= 0) & (keys[j] == partner) & (partner[j] == keys) & (j != i)
     lead = np.where(mutual, np.minimum(i, j), n + i)  # unpaired: after every pair
-    return np.lexsort((i, lead)).astype(np.int64)
+    return np.lexsort((i, lead))
 
 
 def pair_order(rows, augs, partner_fn, num_augs: int) -> np.ndarray:

@@ -148,7 +148,7 @@ class CachedDataset(torch.utils.data.Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         if not self.mix_group or self.k > 1 or not len(idx):
             return idx
-        from kdcache.data.pairs import pair_order
+        from kdcache.cache.epoch import pair_order
 
         a = self.cache.num_views
         if self.k == 0:

@@ -13,6 +13,7 @@ a partner's whole view again for every mixed view (twice timm's work per view).
 Every choice stays a function of (seed, sample, view) and the rows: the pairing of
 (seed, group, a), the mix uniforms of the pair's lower row, the partner's params its own
 (stored as ``p_*`` like elem mode, so a replay needs nothing but the stored params).
+Stage 2's side (pairs side by side in a plan) is ``cache.epoch.pair_order``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from kdcache.cache.epoch import adjacent, pair_order  # noqa: F401 - the stage-2 side
 
 GROUP = 16
 _U64 = (1 << 64) - 1

@@ -193,11 +193,11 @@ class StrongPolicy:
             x = memo[key] = self._one(load(row), q)
         return x
 
-    def partner_of(self, params) -> int:
-        """The partner row of one view's params, -1 when it does not mix."""
-        if not self.mixes or params[self.s_dim] <= 0:
-            return -1
-        return int(params[self.s_dim + 2])
+    def partners_in(self, view_params: np.ndarray, rows, augs) -> np.ndarray:
+        """Partner rows of the stored (N, A, P) ``view_params`` at (rows, augs), -1 where a
+        view does not mix; reads two columns, not whole rows (stage-2 plans, every epoch)."""
+        mode = view_params[rows, augs, self.s_dim]
+        return np.where(mode > 0, view_params[rows, augs, self.s_dim + 2], -1).astype(np.int64)
 
     def mix_of(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(partner rows, lam) of (B, P) params; rows -1 / lam 1 where nothing mixes."""

@@ -43,8 +43,8 @@ def plan_epoch(
     samples). Without a cache (num_augs 1) aug k means the k-th fresh draw. A pair-mode
     Mixup cache (``mix_group``, ``partner_fn``; data/pairs.py): "one" picks the view per
     group of rows, and the two views of a pair are kept adjacent (one pre-mix view each)."""
+    from kdcache.cache.epoch import pair_order
     from kdcache.cache.reader import choose_augs
-    from kdcache.data.pairs import pair_order
 
     rng = _rng(seed, epoch)
     k = views_per_sample(views)
@@ -98,8 +98,8 @@ class BatchMaker:
         self.mix_group, self.partner_fn = 0, None
         if self.cached and getattr(policy, "pairs", False):  # pair-mode Mixup/CutMix cache
             self.mix_group = int(policy.strong["mix_group"])
-            vp, sd = teacher.view_params, policy.s_dim  # (N, A, P): read two columns only
-            self.partner_fn = lambda r, a: np.where(vp[r, a, sd] > 0, vp[r, a, sd + 2], -1)
+            vp = teacher.view_params
+            self.partner_fn = lambda r, a: policy.partners_in(vp, r, a)
         self._loader: ReplayLoader | None = None
 
     def _plan(self, samples, augs, epoch, t_logits=None, sliced: bool = False) -> dict:

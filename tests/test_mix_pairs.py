@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from kdcache.cache.epoch import adjacent
 from kdcache.cache.store import open_cache
 from kdcache.data import pairs
 
@@ -36,8 +37,10 @@ def test_pairing_is_a_seeded_matching_inside_groups_of_16():
 def test_adjacent_puts_partners_side_by_side():
     keys = np.array([10, 3, 7, 4, 8, 11, 5])  # pairs (3,4), (7,8), (10,11); 5 alone
     mate = np.array([11, 4, 8, 3, 7, 10, -1])
-    order = pairs.adjacent(mate, keys)
+    order = adjacent(mate, keys)
     assert keys[order].tolist() == [10, 11, 3, 4, 7, 8, 5]
+    one_way = np.array([11, 4, 8, 3, 7, 10, 3])  # 5 names 3, 3 names 4: 5 stays unpaired
+    assert keys[adjacent(one_way, keys)].tolist() == [10, 11, 3, 4, 7, 8, 5]
 
 
 @pytest.fixture(scope="module")
