@@ -7,7 +7,7 @@ Two sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the ev
 in-RAM 32x32 images (cifar100 layout, crop-flip). Goal: CachedDataset >= 0.95x distill's.
 `api` = no collate_fn (torch's default_collate, which batches CachedDataset items like
 ds.collate), `api+collate` = `collate_fn=ds.collate`: one buffer per batch, handed over from a
-worker by value up to 4 MB (data/handover.py). Runs alternate (api, api+collate, distill,
+worker through its shared-memory ring (data/handover.py). Runs alternate (api, api+collate, distill,
 ...); the best warm epoch of each counts.
 """
 

@@ -3,27 +3,41 @@ worker to the main process cheaply.
 
 torch sends a tensor made in a worker through a new shared-memory segment whose file
 descriptor the main process fetches over an authenticated socket connection to the worker,
-one per storage per batch: ~1.3 ms on 2 cores, more than cutting a whole 32 px batch. A
-batch packed into one buffer of at most `PIPE_BYTES` is therefore pickled by value and
-crosses the worker's result pipe like any small object (three memcpys: ~10 us per 200 kB);
-bigger batches keep torch's shared memory, where the descriptor's cost is amortized.
-Measured in bench/api.py (in-RAM 32 px rows).
+one per storage per batch: ~1.3 ms on 2 cores, more than cutting a whole 32 px batch. Pickled
+by value, a 200 kB batch crosses the worker's 64 kB result pipe in pieces (~0.2 ms of the
+main process's time per batch). So each worker packs its batches (up to `RING_BYTES`) into
+the slots of one shared-memory ring, made once; the main process maps it once (the first
+messages carry it) and then receives only (slot, layout): it copies the batch out into a
+fresh buffer and frees the slot. A worker whose ring is full or cannot be made (no space in
+/dev/shm) hands the batch over by value (up to `PIPE_BYTES`), bigger batches in torch's
+shared memory. Measured in bench/api.py (in-RAM 32 px rows).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-PIPE_BYTES = 4 << 20
+PIPE_BYTES = 4 << 20  # biggest batch pickled by value when the ring is full
+RING_SLOTS = 6  # > DataLoader's prefetch_factor: a worker's batches in flight
+RING_BYTES = 4 << 20  # biggest batch a ring slot holds (RING_SLOTS * this in /dev/shm)
+RING_MIN_SLOT, RING_ROUND = 256 << 10, 64 << 10  # slot size: the batch's, rounded up
 
 
 def views(buf: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
-    """The tensors of `layout` ({key: (offset, shape, dtype, nbytes)}) over `buf`."""
-    return {k: buf[o : o + n].view(dt).view(shape) for k, (o, shape, dt, n) in layout.items()}
+    """The tensors of `layout` ({key: (offset, shape, dtype, nbytes)}) over `buf` (its
+    storage: set_ is one call where slice + view + view are three)."""
+    st, base = buf.untyped_storage(), buf.storage_offset()
+    return {
+        k: torch.empty(0, dtype=dt).set_(st, (base + o) // dt.itemsize, shape)
+        for k, (o, shape, dt, _) in layout.items()
+    }
 
 
 def layout_of(cols: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[dict, int]:
@@ -36,15 +50,104 @@ def layout_of(cols: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[dic
     return layout, size
 
 
-def new_buffer(size: int) -> tuple[torch.Tensor, bool]:
-    """(buffer, by_value): inside a DataLoader worker, a batch of at most PIPE_BYTES goes
-    by value (wrap it in `ByValue`), a bigger one in one shared-memory segment."""
-    buf = torch.empty(size, dtype=torch.uint8)
+def new_buffer(size: int) -> tuple[torch.Tensor, object]:
+    """(buffer, how): inside a DataLoader worker, a slot of the worker's ring (`how` = the
+    (ring, slot) for `ViaRing`), else a buffer to pickle by value (`how` = "value", wrap it
+    in `ByValue`) or one in torch's shared memory; in the main process, plain memory."""
     if torch.utils.data.get_worker_info() is None:
-        return buf, False
+        return torch.empty(size, dtype=torch.uint8), None
+    ring = _Ring.get(size)
+    slot = ring.take() if ring is not None else None
+    if slot is not None:
+        return ring.slot_buffer(slot, size), (ring, slot)
+    buf = torch.empty(size, dtype=torch.uint8)
     if size > PIPE_BYTES:
-        return buf.share_memory_(), False
-    return buf, True
+        return buf.share_memory_(), None
+    return buf, "value"
+
+
+_HEADER = 64  # byte 0: the main process has mapped the ring; byte 1 + k: slot k is in use
+_FENCE = threading.Lock()
+_MAPPED: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # main process: worker pid -> ring
+
+
+def _fence() -> None:
+    """Orders the slot's reads before the flag's write (a lock's acquire and release)."""
+    with _FENCE:
+        pass
+
+
+class _Ring:
+    """A DataLoader worker's ring of RING_SLOTS batch slots in one shared-memory segment,
+    made on the worker's first batch (bigger slots if a bigger batch comes)."""
+
+    _mine: _Ring | None = None
+    _failed = False
+
+    def __init__(self, slot_bytes: int) -> None:
+        self.slot_bytes, self.pid, self.next = slot_bytes, os.getpid(), 0
+        self.mem = torch.zeros(_HEADER + RING_SLOTS * slot_bytes, dtype=torch.uint8)
+        self.mem.share_memory_()  # RuntimeError when /dev/shm is full: no ring then
+        self.flags = self.mem[:_HEADER].numpy()
+
+    @classmethod
+    def get(cls, size: int) -> _Ring | None:
+        ring = cls._mine
+        if RING_SLOTS < 1 or size > RING_BYTES or cls._failed or os.name != "posix":
+            return None
+        if ring is None or ring.pid != os.getpid() or size > ring.slot_bytes:
+            try:
+                ring = cls._mine = cls(max(-(-size // RING_ROUND) * RING_ROUND, RING_MIN_SLOT))
+            except RuntimeError:  # no shared memory: by value from now on
+                cls._mine, cls._failed = None, True
+                return None
+        return ring
+
+    def take(self) -> int | None:
+        """A free slot, marked in use until the main process has copied it out."""
+        for k in range(RING_SLOTS):
+            i = (self.next + k) % RING_SLOTS
+            if not self.flags[1 + i]:
+                _fence()
+                self.flags[1 + i], self.next = 1, i + 1
+                return i
+        return None
+
+    def slot_buffer(self, slot: int, size: int) -> torch.Tensor:
+        off = _HEADER + slot * self.slot_bytes
+        return self.mem[off : off + size]
+
+
+class ViaRing(dict):
+    """A dict of tensors over a ring slot that pickles as (slot, layout), plus the ring
+    itself until the main process has mapped it; unpickled, a plain dict of writable
+    tensors over one fresh buffer (the slot is then free)."""
+
+    def __init__(self, out: dict, how: tuple[_Ring, int], size: int, layout: dict) -> None:
+        super().__init__(out)
+        self._ring, self._slot = how
+        self._size, self._layout = size, layout
+
+    def __reduce__(self):
+        r = self._ring
+        mem = None if r.flags[0] else r.mem  # pickled by torch: the main process maps it
+        off = _HEADER + self._slot * r.slot_bytes
+        return _from_ring, (mem, r.pid, self._slot, off, self._size, self._layout)
+
+
+def _from_ring(mem, pid: int, slot: int, off: int, size: int, layout: dict):
+    if mem is not None:  # a worker's (new) ring: keep it, forget the rings of dead workers
+        from kdcache.cache.lock import pid_alive
+
+        for p in [p for p in _MAPPED if p != pid and not pid_alive(p)]:
+            _MAPPED.pop(p, None)
+        _MAPPED[pid] = (mem, mem.numpy())
+        _MAPPED[pid][1][0] = 1
+    ring = _MAPPED[pid][1]
+    buf = ring[off : off + size].copy()  # numpy: one memcpy, no thread team to wake
+    _fence()
+    ring[1 + slot] = 0
+    return views(torch.from_numpy(buf), layout)
 
 
 class ByValue(dict):
@@ -73,7 +176,7 @@ class CachedItem(dict):
 def collate_items(items, *, collate_fn_map=None) -> dict[str, torch.Tensor]:
     """`packed_collate`, or for a batch cut whole by `__getitems__`, that batch packed as is."""
     if isinstance(items, Items) and isinstance(items.batch["input"], torch.Tensor):
-        return _pack({k: [v] for k, v in items.batch.items()}, cat=True)
+        return _pack_batch(items.batch)
     return packed_collate(items)
 
 
@@ -112,15 +215,38 @@ def packed_collate(items: list[dict]) -> dict[str, torch.Tensor]:
     return _pack({k: [torch.as_tensor(it[k]) for it in items] for k in items[0]})
 
 
-def _pack(cols: dict[str, list[torch.Tensor]], cat: bool = False) -> dict[str, torch.Tensor]:
-    """Each column stacked (or, `cat`, concatenated) into a view of one buffer, which a
-    DataLoader worker hands over in one piece (`new_buffer`)."""
-    lead = {k: sum(len(t) for t in v) if cat else len(v) for k, v in cols.items()}
-    layout, size = layout_of(
-        {k: ((lead[k], *v[0].shape[int(cat) :]), v[0].dtype) for k, v in cols.items()}
-    )
-    buf, by_value = new_buffer(size)
+def _pack(cols: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each column stacked into a view of one buffer, which a DataLoader worker hands over
+    in one piece (`new_buffer`)."""
+    cols_layout = {k: ((len(v), *v[0].shape), v[0].dtype) for k, v in cols.items()}
+    layout, size = layout_of(cols_layout)
+    buf, how = new_buffer(size)
     out = views(buf, layout)
     for k, t in out.items():
-        (torch.cat if cat else torch.stack)(cols[k], out=t)
-    return ByValue(out, buf, layout) if by_value else out
+        torch.stack(cols[k], out=t)
+    return _wrap(out, buf, how, size, layout)
+
+
+_LAYOUTS: dict[tuple, tuple[dict, int]] = {}
+
+
+def _pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch cut whole, copied into one buffer (layouts cached by shapes and dtypes)."""
+    sig = tuple((k, v.shape, v.dtype) for k, v in batch.items())
+    hit = _LAYOUTS.get(sig)
+    if hit is None:
+        if len(_LAYOUTS) > 64:  # batch sizes and shapes are few; never grow without bound
+            _LAYOUTS.clear()
+        hit = _LAYOUTS[sig] = layout_of({k: (tuple(shape), dt) for k, shape, dt in sig})
+    layout, size = hit
+    buf, how = new_buffer(size)
+    out = views(buf, layout)
+    for k, t in out.items():
+        t.copy_(batch[k])
+    return _wrap(out, buf, how, size, layout)
+
+
+def _wrap(out: dict, buf: torch.Tensor, how, size: int, layout: dict) -> dict:
+    if how == "value":
+        return ByValue(out, buf, layout)
+    return ViaRing(out, how, size, layout) if how is not None else out

@@ -215,11 +215,13 @@ def test_getitems_equals_getitem(cache_path):
 
 
 @pytest.mark.parametrize("collate", ["ds.collate", "default"])
-@pytest.mark.parametrize("pipe_bytes", [4 << 20, 0])  # by value through the pipe / in shm
-def test_collate_is_default_collate_in_one_buffer(cache_path, monkeypatch, collate, pipe_bytes):
+@pytest.mark.parametrize("path", ["ring", "value", "shm"])  # how a worker hands a batch over
+def test_collate_is_default_collate_in_one_buffer(cache_path, monkeypatch, collate, path):
     from kdcache.data import handover
 
-    monkeypatch.setattr(handover, "PIPE_BYTES", pipe_bytes)  # forked workers inherit it
+    if path != "ring":  # forked workers inherit the settings
+        monkeypatch.setattr(handover, "RING_SLOTS", 0)
+        monkeypatch.setattr(handover, "PIPE_BYTES", 4 << 20 if path == "value" else 0)
     ds = kdcache.CachedDataset(cache_path, seed=1)
     ds.set_epoch(2)
     idx = [3, 0, 7, 1, 30, 12, 5, 9]
@@ -233,7 +235,7 @@ def test_collate_is_default_collate_in_one_buffer(cache_path, monkeypatch, colla
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
     ptrs = {got[k].untyped_storage().data_ptr() for k in got}
     assert len(ptrs) == 1  # one storage: one hand-over per batch
-    assert got["input"].untyped_storage().is_shared() == (pipe_bytes == 0)
+    assert got["input"].untyped_storage().is_shared() == (path == "shm")
     got["input"] += 1  # the user's own writable batch
     items = ds.__getitems__(idx)  # also batches of per-item calls (mixed policies, text)
     for k, v in ds.collate([items[i] for i in range(len(idx))]).items():
