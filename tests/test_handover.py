@@ -27,11 +27,12 @@ def fresh_rings(monkeypatch):
     monkeypatch.setattr(handover, "_MAPPED", {})
 
 
-def _epochs(ds, batches, epochs=2, persistent=True, collate_fn=None, prefetch=2):
+def _epochs(ds, batches, epochs=2, persistent=True, collate_fn=None, prefetch=2, ctx=None):
     """All batches of `epochs` epochs from one worker (held), with what they must equal."""
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=batches, num_workers=1, persistent_workers=persistent,
         prefetch_factor=prefetch, collate_fn=collate_fn or ds.collate,
+        multiprocessing_context=ctx,
     )  # fmt: skip
     got, want = [], []
     for e in range(epochs):
@@ -91,3 +92,12 @@ def test_no_shared_memory_for_a_ring_hands_over_by_value(cache_path, monkeypatch
     got, want = _epochs(ds, [list(range(i, i + 8)) for i in range(0, N, 8)])
     _same(got, want)
     assert not handover._MAPPED
+
+
+def test_spawned_workers_use_the_ring_too(cache_path):
+    """spawn (macOS's default; forkserver is Linux's from Python 3.14) pickles the dataset
+    into a fresh interpreter: the ring is made and mapped the same way."""
+    ds = kdcache.CachedDataset(cache_path, seed=4)
+    got, want = _epochs(ds, [list(range(i, i + 8)) for i in range(0, N, 8)], ctx="spawn")
+    _same(got, want)
+    assert len(handover._MAPPED) == 1
