@@ -3,8 +3,10 @@
 
 python bench/api.py [--n 1024] [--workers 2] [--batch-size 64] [--epochs 3]
 
-Two sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the eval view) and
-in-RAM 32x32 images (cifar100 layout, crop-flip). Goal: CachedDataset >= 0.95x distill's.
+Three sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the eval view),
+in-RAM 32x32 images (cifar100 layout, crop-flip), and texts (jsonl, token-mask views of a tiny
+BERT teacher). Goal: CachedDataset >= 0.95x distill's. Text always needs ds.collate (it pads),
+so its two api columns are two runs of the same loader.
 `api` = no collate_fn (torch's default_collate, which batches CachedDataset items like
 ds.collate), `api+collate` = `collate_fn=ds.collate`: one buffer per batch, handed over from a
 worker through its shared-memory ring (data/handover.py). Runs alternate (api, api+collate, distill,
@@ -38,14 +40,32 @@ def _data(work: Path, n: int, sources: list[str]) -> dict[str, tuple[str, str]]:
     if "in-ram-32px" in sources:
         write_cifar100(work / "cifar", n)
         out["in-ram-32px"] = ("cifar100", str(work / "cifar"))
+    if "text" in sources:
+        import json
+
+        import numpy as np
+
+        from tests.datatools import tiny_bert
+
+        words = ["good great fine nice happy", "bad awful poor sad grim", "table chair wall door"]
+        rng = np.random.default_rng(0)
+        rows = [(" ".join(rng.choice(words[i % 3].split(), size=3 + i % 20)), i % 3)
+                for i in range(n)]  # fmt: skip
+        (work / "texts.jsonl").write_text(
+            "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows)
+        )
+        tiny_bert(work / "bert", [t for t, _ in rows])
+        out["text"] = ("text", str(work / "texts.jsonl"))
     return out
 
 
 def _cache(work: Path, name: str, dataset: str, root: str, workers: int) -> str:
     import kdcache
 
+    teacher = {"teacher": f"hf:{work / 'bert'}", "augment": "token-mask"} if name == "text" \
+        else {"teacher": "resnet8", "random_init": 0}  # fmt: skip
     return kdcache.precompute(
-        teacher="resnet8", random_init=0, dataset=dataset, data_root=root, num_augs=4,
+        **teacher, dataset=dataset, data_root=root, num_augs=4,
         out=str(work / f"{name}.zarr"), device="cpu", workers=workers, batch_size=128,
     )  # fmt: skip
 
@@ -58,7 +78,7 @@ def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool) -> 
     dl = torch.utils.data.DataLoader(
         ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=False,
         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-        collate_fn=ds.collate if packed else None,
+        collate_fn=ds.collate if packed or ds.collate_text else None,  # text: always
     )  # fmt: skip
     rates = []
     for e in range(epochs):
@@ -80,6 +100,12 @@ def _distill_epochs(path: str, dataset: str, root: str, workers: int, bs: int, e
     caches = open_caches([path], ds, caches_classes(path), None)
     teacher = CachedTeacher(caches, "same", "mean-logits", 4 << 30)
     spec = caches[0].spec
+    if ds.modality == "text":  # as distill does: the cache's tokenizer, batched per batch
+        import kdcache
+        from kdcache.distill.setup import _tokenize
+
+        files = kdcache.open_cache(path).tokenizer_files()
+        _tokenize(ds, {"modality": "text", **spec.teacher, "tokenizer_files": files})
     policy = get_policy(spec.views["policy"], **(spec.views.get("params") or {}))
     make = BatchMaker(ds, policy, teacher, seed=0, workers=workers)
     rates = []
@@ -104,8 +130,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--sources", nargs="+", default=["jpeg-folder", "in-ram-32px"],
-                    choices=["jpeg-folder", "in-ram-32px"])  # fmt: skip
+    ap.add_argument("--sources", nargs="+", default=["jpeg-folder", "in-ram-32px", "text"],
+                    choices=["jpeg-folder", "in-ram-32px", "text"])  # fmt: skip
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from kdcache.cache.epoch import choose_augs
 from kdcache.cache.errors import KdcacheError
-from kdcache.data.handover import CachedItem, Items, collate_items
+from kdcache.data.handover import CachedItem, Items, collate_items, pack_batch
 
 
 def load_cache_source(spec, provenance: dict, data_root: str | None = None, **columns):
@@ -202,7 +202,7 @@ class CachedDataset(torch.utils.data.Dataset):
         """A batch of items read together (what DataLoader calls with batch_size): one
         gather of logits, params and views, and for in-RAM images one batched replay; items
         are equal to `[self[i] for i in indices]`."""
-        if self.k != 1 or getattr(self.policy, "mixes", False) or self.collate_text is not None:
+        if self.k != 1 or getattr(self.policy, "mixes", False):
             seen: dict = {}  # originals and pre-mix views shared by the batch (Mixup pairs)
             memo: dict = {}
             return [self._item(i, seen, memo) for i in indices]
@@ -211,6 +211,8 @@ class CachedDataset(torch.utils.data.Dataset):
             raise IndexError(f"indices out of range 0..{len(self) - 1}")
         views = choose_augs(self.seed, self.epoch, rows, self.cache.num_views)
         params = np.ascontiguousarray(self.cache.view_params(rows, views), dtype=np.float32)
+        if self.collate_text is not None:
+            return self._text_items(rows, views, params)
         if self.batched:
             x = self._batched(self.rows[rows], params)
         else:  # decoded per row, as distill's workers do
@@ -226,15 +228,37 @@ class CachedDataset(torch.utils.data.Dataset):
         }
         return Items(batch)
 
+    def _text_items(self, rows: np.ndarray, views: np.ndarray, params: np.ndarray) -> Items:
+        """Text items of a batch: one tokenizer call and one batched replay of the policy,
+        which is batch-independent (data/text.TextCollate: per-position seeded scores, pads
+        never masked), so each item, cut back to its own length, equals `self[i]`; `collate`
+        takes the padded batch as it is."""
+        seqs = self.collate_text.token_lists([self.source.load(int(self.rows[r])) for r in rows])
+        lengths = [len(seq) for seq in seqs]
+        ids = np.full((len(seqs), max(lengths, default=0)), self.pad_id, dtype=np.int64)
+        for j, seq in enumerate(seqs):
+            ids[j, : lengths[j]] = seq
+        batch = {
+            "input": self.policy.apply(torch.from_numpy(ids), torch.from_numpy(params)),
+            "label": self.labels[torch.from_numpy(rows)],
+            "teacher_logits": torch.from_numpy(self.cache.logits_numpy(rows, views)),
+            "row": torch.from_numpy(rows),
+            "view": torch.from_numpy(views),
+        }
+        return Items(batch, lengths)
+
     def collate(self, items: list[dict]) -> dict[str, Any]:
         """Batch items (`DataLoader(ds, collate_fn=ds.collate)`). Images: default_collate's
         batch, every tensor a view of one buffer that a worker hands over in one piece
         (data/handover.py; default_collate does the same for image items). Text: inputs
-        padded to the longest (as distill's batches are)."""
+        padded to the longest (as distill's batches are), in one buffer too."""
         if self.collate_text is None:
             return collate_items(items)
-        out = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "input"}
-                                                for it in items])  # fmt: skip
+        if isinstance(items, Items):  # a batch cut whole: its inputs are padded already
+            return pack_batch({k: v for k, v in items.batch.items() if k != "input"}
+                              | {"input": items.batch["input"]})  # fmt: skip
+        out = {k: torch.stack([torch.as_tensor(it[k]) for it in items])
+               for k in items[0] if k != "input"}  # fmt: skip  # = default_collate's
         for key in items[0]["input"]:
             seqs = [it["input"][key] for it in items]
             flat = [s.reshape(-1, s.shape[-1]) for s in seqs]
@@ -245,7 +269,7 @@ class CachedDataset(torch.utils.data.Dataset):
             out.setdefault("input", {})[key] = torch.stack(
                 [p.reshape(*s.shape[:-1], length) for p, s in zip(padded, seqs, strict=True)]
             )
-        return out
+        return pack_batch(out)  # one buffer: one hand-over from a worker
 
 
 class ChunkSampler(torch.utils.data.Sampler):

@@ -32,12 +32,17 @@ RING_MIN_SLOT, RING_ROUND = 256 << 10, 64 << 10  # slot size: the batch's, round
 
 def views(buf: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
     """The tensors of `layout` ({key: (offset, shape, dtype, nbytes)}) over `buf` (its
-    storage: set_ is one call where slice + view + view are three)."""
+    storage: set_ is one call where slice + view + view are three); a key (outer, inner)
+    is out[outer][inner] (text inputs)."""
     st, base = buf.untyped_storage(), buf.storage_offset()
-    return {
-        k: torch.empty(0, dtype=dt).set_(st, (base + o) // dt.itemsize, shape)
-        for k, (o, shape, dt, _) in layout.items()
-    }
+    out: dict = {}
+    for k, (o, shape, dt, _) in layout.items():
+        t = torch.empty(0, dtype=dt).set_(st, (base + o) // dt.itemsize, shape)
+        if isinstance(k, tuple):
+            out.setdefault(k[0], {})[k[1]] = t
+        else:
+            out[k] = t
+    return out
 
 
 def layout_of(cols: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[dict, int]:
@@ -176,7 +181,7 @@ class CachedItem(dict):
 def collate_items(items, *, collate_fn_map=None) -> dict[str, torch.Tensor]:
     """`packed_collate`, or for a batch cut whole by `__getitems__`, that batch packed as is."""
     if isinstance(items, Items) and isinstance(items.batch["input"], torch.Tensor):
-        return _pack_batch(items.batch)
+        return pack_batch(items.batch)
     return packed_collate(items)
 
 
@@ -186,11 +191,12 @@ default_collate_fn_map[CachedItem] = collate_items
 class Items(Sequence):
     """`__getitems__`'s items as a sequence over the batch they were cut from: `collate`
     packs that batch as it is; the per-item dicts (what default_collate and users index)
-    are made on first access only. `input` is a list when the views differ in size."""
+    are made on first access only. `input` is a list when the views differ in size, a
+    dict of padded (B, L) tensors for text (`lengths`: each item's own length)."""
 
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
-        self.batch = batch
-        self._items: list[CachedItem | None] = [None] * len(batch["row"])
+    def __init__(self, batch: dict, lengths: list[int] | None = None) -> None:
+        self.batch, self.lengths = batch, lengths  # lengths: text, inputs padded to the longest
+        self._items: list[dict | None] = [None] * len(batch["row"])
 
     def __len__(self) -> int:
         return len(self._items)
@@ -200,7 +206,12 @@ class Items(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         it = self._items[i]
         if it is None:  # made on first access (default_collate looks at item 0 only)
-            it = CachedItem((k, v[i]) for k, v in self.batch.items())
+            if self.lengths is None:
+                it = CachedItem((k, v[i]) for k, v in self.batch.items())
+            else:  # a text item: a plain dict, its inputs cut back to its own length
+                n = self.lengths[i]
+                it = {k: {kk: vv[i, :n] for kk, vv in v.items()} if isinstance(v, dict) else v[i]
+                      for k, v in self.batch.items()}  # fmt: skip
             it["row"] = int(it["row"])  # a plain int, as __getitem__ gives
             self._items[i] = it
         return it
@@ -230,9 +241,13 @@ def _pack(cols: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
 _LAYOUTS: dict[tuple, tuple[dict, int]] = {}
 
 
-def _pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch cut whole, copied into one buffer (layouts cached by shapes and dtypes)."""
-    sig = tuple((k, v.shape, v.dtype) for k, v in batch.items())
+def pack_batch(batch: dict) -> dict:
+    """A batch of tensors (and dicts of tensors: text inputs) copied into one buffer, which
+    a DataLoader worker hands over in one piece; layouts cached by shapes and dtypes."""
+    flat = {}
+    for k, v in batch.items():
+        flat.update({(k, kk): vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+    sig = tuple((k, v.shape, v.dtype) for k, v in flat.items())
     hit = _LAYOUTS.get(sig)
     if hit is None:
         if len(_LAYOUTS) > 64:  # batch sizes and shapes are few; never grow without bound
@@ -241,8 +256,8 @@ def _pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     layout, size = hit
     buf, how = new_buffer(size)
     out = views(buf, layout)
-    for k, t in out.items():
-        t.copy_(batch[k])
+    for k in layout:
+        (out[k[0]][k[1]] if isinstance(k, tuple) else out[k]).copy_(flat[k])
     return _wrap(out, buf, how, size, layout)
 
 

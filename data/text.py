@@ -58,6 +58,11 @@ class TextCollate:
         )
         return enc["input_ids"].long()
 
+    def token_lists(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids, unpadded: the rows of `self(texts)` without their pad tail."""
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return enc["input_ids"]
+
 
 def _text_files(root, split: str) -> tuple[Path, list[Path]]:
     if root is None:

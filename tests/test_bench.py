@@ -1,6 +1,7 @@
 """The one-shot GPU benchmark must work the first time a GPU is lent (device time is scarce):
 its script runs here on CPU with tiny models through the same code paths (JPEG loader +
-rrc-flip, in-RAM crop-flip, precompute vs bare forward, every distill mode and the peers)."""
+rrc-flip, in-RAM crop-flip, precompute vs bare forward, every distill mode and the peers).
+bench/api.py, whose figures the README quotes, runs on tiny data too."""
 
 from __future__ import annotations
 
@@ -47,3 +48,15 @@ def test_gpu_sh_without_a_gpu_says_so_and_exits_0():
     assert p.returncode == 0, p.stderr
     assert "no CUDA GPU visible" in p.stdout
     assert "scenario" not in p.stdout  # nothing was benchmarked
+
+
+def test_api_bench_prints_a_row_per_source():
+    """bench/api.py (README figures for CachedDataset vs distill's loader) on tiny data."""
+    args = [sys.executable, "bench/api.py", "--n", "96", "--epochs", "2", "--rounds", "1",
+            "--workers", "1", "--batch-size", "32", "--sources", "in-ram-32px", "text"]  # fmt: skip
+    p = _run(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in p.stdout.splitlines() if ln.strip()}
+    assert set(rows) == {"source", "in-ram-32px", "text"}
+    for name in ("in-ram-32px", "text"):
+        assert len(rows[name]) == 5 and all(float(v) > 0 for v in rows[name]), rows[name]
