@@ -1,7 +1,7 @@
 """`kdcache.CachedDataset` in a plain DataLoader vs `kdcache distill`'s own loader (BatchMaker
-+ epoch_batches) on the same cache: samples/s of a warm epoch, views "one". Prints a table.
++ epoch_batches) on the same cache: views/s of a warm epoch. Prints a table.
 
-python bench/api.py [--n 1024] [--workers 2] [--batch-size 64] [--epochs 3]
+python bench/api.py [--n 1024] [--workers 2] [--batch-size 64] [--epochs 3] [--views one]
 
 Three sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the eval view),
 in-RAM 32x32 images (cifar100 layout, crop-flip), and texts (jsonl, token-mask views of a tiny
@@ -70,11 +70,11 @@ def _cache(work: Path, name: str, dataset: str, root: str, workers: int) -> str:
     )  # fmt: skip
 
 
-def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool) -> list[float]:
+def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool, views="one"):
     import kdcache
     import torch
 
-    ds = kdcache.CachedDataset(path, views="one")
+    ds = kdcache.CachedDataset(path, views=views)
     dl = torch.utils.data.DataLoader(
         ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=False,
         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
@@ -85,12 +85,13 @@ def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool) -> 
         ds.set_epoch(e)
         t0, n = time.perf_counter(), 0
         for b in dl:
-            n += len(b["label"])
+            n += b["teacher_logits"].shape[:-1].numel()  # views: K per item with views=K
         rates.append(n / (time.perf_counter() - t0))
     return rates
 
 
-def _distill_epochs(path: str, dataset: str, root: str, workers: int, bs: int, epochs: int):
+def _distill_epochs(path: str, dataset: str, root: str, workers: int, bs: int, epochs: int,
+                    views="one"):  # fmt: skip
     from kdcache.data.datasets import load_dataset
     from kdcache.data.views import get_policy
     from kdcache.distill.batches import BatchMaker, epoch_batches
@@ -111,8 +112,8 @@ def _distill_epochs(path: str, dataset: str, root: str, workers: int, bs: int, e
     rates = []
     for e in range(epochs):
         t0, n = time.perf_counter(), 0
-        for b in epoch_batches(make, len(ds), bs, 0, e, "one", depth=2):
-            n += len(b["labels"])
+        for b in epoch_batches(make, len(ds), bs, 0, e, views, depth=2):
+            n += len(b["labels"])  # one per view
         rates.append(n / (time.perf_counter() - t0))
     return rates
 
@@ -130,9 +131,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--views", default="one", help='"one", "all" or K (views per item)')
     ap.add_argument("--sources", nargs="+", default=["jpeg-folder", "in-ram-32px", "text"],
                     choices=["jpeg-folder", "in-ram-32px", "text"])  # fmt: skip
     args = ap.parse_args()
+    views = args.views if args.views in ("one", "all") else int(args.views)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print(f"{'source':<12} {'api/s':>9} {'api+collate/s':>14} {'distill/s':>10} "
@@ -142,9 +145,9 @@ def main() -> None:
             api, packed, dist = [], [], []
             w, bs, ep = args.workers, args.batch_size, args.epochs
             for _ in range(args.rounds):  # alternate; warm epochs (after the first) count
-                api += _api_epochs(path, w, bs, ep, False)[1:]
-                packed += _api_epochs(path, w, bs, ep, True)[1:]
-                dist += _distill_epochs(path, dataset, root, w, bs, ep)[1:]
+                api += _api_epochs(path, w, bs, ep, False, views)[1:]
+                packed += _api_epochs(path, w, bs, ep, True, views)[1:]
+                dist += _distill_epochs(path, dataset, root, w, bs, ep, views)[1:]
             a, p, d = max(api), max(packed), max(dist)
             print(f"{name:<12} {a:>9.0f} {p:>14.0f} {d:>10.0f} {a / d:>12.2f} {p / d:>20.2f}",
                   flush=True)  # fmt: skip

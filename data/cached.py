@@ -200,33 +200,48 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> Sequence[dict[str, Any]]:
         """A batch of items read together (what DataLoader calls with batch_size): one
-        gather of logits, params and views, and for in-RAM images one batched replay; items
-        are equal to `[self[i] for i in indices]`."""
-        if self.k != 1 or getattr(self.policy, "mixes", False):
+        gather of logits, params and views, and for in-RAM images one batched replay (all
+        views modes); items are equal to `[self[i] for i in indices]`."""
+        if getattr(self.policy, "mixes", False) or (self.k > 1 and self.collate_text):
             seen: dict = {}  # originals and pre-mix views shared by the batch (Mixup pairs)
             memo: dict = {}
             return [self._item(i, seen, memo) for i in indices]
-        rows = np.asarray(indices, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"indices out of range 0..{len(self) - 1}")
-        views = choose_augs(self.seed, self.epoch, rows, self.cache.num_views)
-        params = np.ascontiguousarray(self.cache.view_params(rows, views), dtype=np.float32)
+        rows, views = self._rows_views(idx)  # views (B,), or (B, K) for K views per item
+        k = 1 if views.ndim == 1 else views.shape[1]
+        flat_rows, flat_views = np.repeat(rows, k), views.reshape(-1)
+        params = self.cache.view_params(flat_rows, flat_views)
+        params = np.ascontiguousarray(params, dtype=np.float32)
         if self.collate_text is not None:
             return self._text_items(rows, views, params)
         if self.batched:
-            x = self._batched(self.rows[rows], params)
+            x = self._batched(self.rows[flat_rows], params)
+            x = x.reshape(len(rows), k, *x.shape[1:]) if views.ndim == 2 else x
         else:  # decoded per row, as distill's workers do
-            x = [self.maker.replay(int(self.rows[r]), params[j : j + 1])[0][0]
+            x = [self.maker.replay(int(self.rows[r]), params[j * k : (j + 1) * k])[0]
                  for j, r in enumerate(rows)]  # fmt: skip
+            x = x if views.ndim == 2 else [v[0] for v in x]
             x = torch.stack(x) if len({v.shape for v in x}) == 1 else x  # else sizes differ
+        logits = torch.from_numpy(self.cache.logits_numpy(flat_rows, flat_views))
         batch = {
             "input": x,
             "label": self.labels[torch.from_numpy(rows)],
-            "teacher_logits": torch.from_numpy(self.cache.logits_numpy(rows, views)),
+            "teacher_logits": logits.reshape(*views.shape, -1),
             "row": torch.from_numpy(rows),
             "view": torch.from_numpy(views),
         }
         return Items(batch)
+
+    def _rows_views(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, views) of items `idx` this epoch, batched `row_views`."""
+        a = self.cache.num_views
+        if self.k == 0:
+            return idx // a, idx % a
+        by = idx // self.mix_group if self.mix_group else idx
+        start = choose_augs(self.seed, self.epoch, by, a)
+        return idx, start if self.k == 1 else (start[:, None] + np.arange(self.k)) % a
 
     def _text_items(self, rows: np.ndarray, views: np.ndarray, params: np.ndarray) -> Items:
         """Text items of a batch: one tokenizer call and one batched replay of the policy,

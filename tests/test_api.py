@@ -204,14 +204,22 @@ def test_api_options_are_the_clis(tmp_path, cache_path):
     assert "epochs: 1" in text and "momentum: 0.9" in text  # the CLI's defaults, resolved
 
 
-def test_getitems_equals_getitem(cache_path):
-    ds = kdcache.CachedDataset(cache_path, seed=1)
+@pytest.mark.parametrize("views", ["one", "all", 2, 3])
+def test_getitems_equals_getitem(cache_path, views):
+    ds = kdcache.CachedDataset(cache_path, seed=1, views=views)
     ds.set_epoch(3)
-    idx = [5, 0, 31, 9]
-    for a, b in zip(ds.__getitems__(idx), [ds[i] for i in idx], strict=True):
+    idx = [5, 0, 31, 9] + ([95, 94, 40] if views == "all" else [])
+    batch = ds.__getitems__(idx)
+    for a, b in zip(batch, [ds[i] for i in idx], strict=True):
         assert a.keys() == b.keys()
         for k in a:
+            assert type(a[k]) is type(b[k]), k
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
+    got = ds.collate(batch)  # the batch as cut = default_collate of its items
+    want = torch.utils.data.default_collate([dict(ds[i]) for i in idx])
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
 @pytest.mark.parametrize("collate", ["ds.collate", "default"])
@@ -253,9 +261,12 @@ def test_imagefolder_items_are_the_teachers_views(tmp_path, make_imagefolder):
     ds = kdcache.CachedDataset(p, seed=2)
     assert len(ds) == 8
     idx = [3, 0, 7]
-    for a, b in zip(ds.__getitems__(idx), [ds[i] for i in idx], strict=True):
-        assert torch.equal(a["input"], b["input"]) and torch.equal(a["view"], b["view"])
-        assert a["input"].dtype == torch.uint8 and a["input"].shape == (3, 32, 32)
+    for views, shape in (("one", (3, 32, 32)), ("all", (3, 32, 32)), (2, (2, 3, 32, 32))):
+        d = kdcache.CachedDataset(p, seed=2, views=views)  # files decoded per row
+        for a, b in zip(d.__getitems__(idx), [d[i] for i in idx], strict=True):
+            assert torch.equal(a["input"], b["input"]) and torch.equal(a["view"], b["view"])
+            assert torch.equal(a["teacher_logits"], b["teacher_logits"]) and a["row"] == b["row"]
+            assert a["input"].dtype == torch.uint8 and a["input"].shape == shape
     all_views = kdcache.CachedDataset(p, views="all")
     src = load_dataset("imagefolder", root=str(root), split="train")
     policy = ds.policy

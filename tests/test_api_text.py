@@ -30,9 +30,10 @@ def _equal(a: dict, b: dict) -> None:
             ), k
 
 
-def test_text_batch_equals_its_items(text_cache):
-    ds = kdcache.CachedDataset(text_cache, seed=5)
-    idx = [7, 0, 23, 3, 11, 19, 4]
+@pytest.mark.parametrize("views", ["one", "all"])
+def test_text_batch_equals_its_items(text_cache, views):
+    ds = kdcache.CachedDataset(text_cache, seed=5, views=views)
+    idx = [7, 0, 23, 3, 11, 19, 4] + ([71, 70, 45] if views == "all" else [])
     lengths, masked = set(), 0
     for epoch in (0, 1, 2):
         ds.set_epoch(epoch)
@@ -42,9 +43,10 @@ def test_text_batch_equals_its_items(text_cache):
             _equal(got, want)
             ids = got["input"]["input_ids"]
             lengths.add(len(ids))
-            plain = ds.collate_text([ds.source.load(int(ds.rows[i]))])[0]
+            row = got["row"]
+            plain = ds.collate_text([ds.source.load(int(ds.rows[row]))])[0]
             masked += int((ids != plain).sum())
-            assert torch.equal(got["teacher_logits"], ds.cache.logits(i, int(got["view"])))
+            assert torch.equal(got["teacher_logits"], ds.cache.logits(row, int(got["view"])))
     assert len(lengths) > 1  # texts of several lengths
     assert (masked > 0) == (ds.policy.name == "token-mask")
 
