@@ -2,6 +2,10 @@
 + epoch_batches) on the same cache: views/s of a warm epoch. Prints a table.
 
 python bench/api.py [--n 1024] [--workers 2] [--batch-size 64] [--epochs 3] [--views one]
+                    [--chunked]
+
+--chunked: logits are not loaded into RAM (a cache bigger than RAM): CachedDataset reads
+chunk by chunk in `kdcache.ChunkSampler` order, distill's loader runs its chunk-aware plan.
 
 Three sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the eval view),
 in-RAM 32x32 images (cifar100 layout, crop-flip), and texts (jsonl, token-mask views of a tiny
@@ -70,19 +74,23 @@ def _cache(work: Path, name: str, dataset: str, root: str, workers: int) -> str:
     )  # fmt: skip
 
 
-def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool, views="one"):
+def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool, views="one",
+                chunked: bool = False):  # fmt: skip
     import kdcache
     import torch
 
-    ds = kdcache.CachedDataset(path, views=views)
+    ds = kdcache.CachedDataset(path, views=views, memory_budget_gb=0 if chunked else 4)
+    sampler = kdcache.ChunkSampler(ds) if chunked else None
     dl = torch.utils.data.DataLoader(
-        ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=False,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+        ds, batch_size=bs, shuffle=not chunked, sampler=sampler, num_workers=workers,
+        drop_last=False, persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
         collate_fn=ds.collate if packed or ds.collate_text else None,  # text: always
     )  # fmt: skip
     rates = []
     for e in range(epochs):
         ds.set_epoch(e)
+        if sampler is not None:
+            sampler.set_epoch(e)
         t0, n = time.perf_counter(), 0
         for b in dl:
             n += b["teacher_logits"].shape[:-1].numel()  # views: K per item with views=K
@@ -91,7 +99,7 @@ def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool, vie
 
 
 def _distill_epochs(path: str, dataset: str, root: str, workers: int, bs: int, epochs: int,
-                    views="one"):  # fmt: skip
+                    views="one", chunked: bool = False):  # fmt: skip
     from kdcache.data.datasets import load_dataset
     from kdcache.data.views import get_policy
     from kdcache.distill.batches import BatchMaker, epoch_batches
@@ -99,7 +107,7 @@ def _distill_epochs(path: str, dataset: str, root: str, workers: int, bs: int, e
 
     ds = load_dataset(dataset, root=root, split="train")
     caches = open_caches([path], ds, caches_classes(path), None)
-    teacher = CachedTeacher(caches, "same", "mean-logits", 4 << 30)
+    teacher = CachedTeacher(caches, "same", "mean-logits", 0 if chunked else 4 << 30)
     spec = caches[0].spec
     if ds.modality == "text":  # as distill does: the cache's tokenizer, batched per batch
         import kdcache
@@ -132,6 +140,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--views", default="one", help='"one", "all" or K (views per item)')
+    ap.add_argument("--chunked", action="store_true", help="logits read chunk by chunk")
     ap.add_argument("--sources", nargs="+", default=["jpeg-folder", "in-ram-32px", "text"],
                     choices=["jpeg-folder", "in-ram-32px", "text"])  # fmt: skip
     args = ap.parse_args()
@@ -145,9 +154,10 @@ def main() -> None:
             api, packed, dist = [], [], []
             w, bs, ep = args.workers, args.batch_size, args.epochs
             for _ in range(args.rounds):  # alternate; warm epochs (after the first) count
-                api += _api_epochs(path, w, bs, ep, False, views)[1:]
-                packed += _api_epochs(path, w, bs, ep, True, views)[1:]
-                dist += _distill_epochs(path, dataset, root, w, bs, ep, views)[1:]
+                ck = args.chunked
+                api += _api_epochs(path, w, bs, ep, False, views, ck)[1:]
+                packed += _api_epochs(path, w, bs, ep, True, views, ck)[1:]
+                dist += _distill_epochs(path, dataset, root, w, bs, ep, views, ck)[1:]
             a, p, d = max(api), max(packed), max(dist)
             print(f"{name:<12} {a:>9.0f} {p:>14.0f} {d:>10.0f} {a / d:>12.2f} {p / d:>20.2f}",
                   flush=True)  # fmt: skip
