@@ -202,7 +202,7 @@ class CachedDataset(torch.utils.data.Dataset):
         """A batch of items read together (what DataLoader calls with batch_size): one
         gather of logits, params and views, and for in-RAM images one batched replay (all
         views modes); items are equal to `[self[i] for i in indices]`."""
-        if getattr(self.policy, "mixes", False) or (self.k > 1 and self.collate_text):
+        if getattr(self.policy, "mixes", False) or (self.k > 1 and self.collate_text is not None):
             seen: dict = {}  # originals and pre-mix views shared by the batch (Mixup pairs)
             memo: dict = {}
             return [self._item(i, seen, memo) for i in indices]
