@@ -36,7 +36,7 @@ _LAZY = {
     "TeacherCache": "kdcache.cache.public",
     "TokenCache": "kdcache.cache.tokens",
     "CachedDataset": "kdcache.data.cached",
-    "ChunkSampler": "kdcache.data.cached",
+    "ChunkSampler": "kdcache.data.chunks",
     "get_loss": "kdcache.distill.api",
     "list_losses": "kdcache.distill.api",
     "KdcacheError": "kdcache.cache.errors",
@@ -71,5 +71,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above are lazy
     from kdcache.cache.errors import KdcacheError
     from kdcache.cache.public import TeacherCache, open_cache
-    from kdcache.data.cached import CachedDataset, ChunkSampler
+    from kdcache.data.cached import CachedDataset
+    from kdcache.data.chunks import ChunkSampler
     from kdcache.distill.api import get_loss, list_losses

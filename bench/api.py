@@ -5,7 +5,8 @@ python bench/api.py [--n 1024] [--workers 2] [--batch-size 64] [--epochs 3] [--v
                     [--chunked]
 
 --chunked: logits are not loaded into RAM (a cache bigger than RAM): CachedDataset reads
-chunk by chunk in `kdcache.ChunkSampler` order, distill's loader runs its chunk-aware plan.
+chunk by chunk in `kdcache.ChunkSampler` order (lanes = workers: each worker its own chunks),
+distill's loader runs its chunk-aware plan.
 
 Three sources: JPEGs decoded by worker processes (imagefolder, crop-flip on the eval view),
 in-RAM 32x32 images (cifar100 layout, crop-flip), and texts (jsonl, token-mask views of a tiny
@@ -80,7 +81,8 @@ def _api_epochs(path: str, workers: int, bs: int, epochs: int, packed: bool, vie
     import torch
 
     ds = kdcache.CachedDataset(path, views=views, memory_budget_gb=0 if chunked else 4)
-    sampler = kdcache.ChunkSampler(ds) if chunked else None
+    lanes = {"lanes": workers, "batch_size": bs} if workers > 1 else {}  # a worker: its chunks
+    sampler = kdcache.ChunkSampler(ds, **lanes) if chunked else None
     dl = torch.utils.data.DataLoader(
         ds, batch_size=bs, shuffle=not chunked, sampler=sampler, num_workers=workers,
         drop_last=False, persistent_workers=workers > 0, prefetch_factor=4 if workers else None,

@@ -10,8 +10,7 @@ rank split gives the same (row, view) pairs.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -285,65 +284,3 @@ class CachedDataset(torch.utils.data.Dataset):
                 [p.reshape(*s.shape[:-1], length) for p, s in zip(padded, seqs, strict=True)]
             )
         return pack_batch(out)  # one buffer: one hand-over from a worker
-
-
-class ChunkSampler(torch.utils.data.Sampler):
-    """Chunk-aware, rank-sharded order for a `CachedDataset` whose cache is bigger than RAM:
-    each epoch shuffles the chunk order by (seed, epoch), deals chunks to ranks in turn, and
-    shuffles items within buffers of `buffer_chunks` chunks, so reads stay sequential per
-    chunk; in a pair-mode Mixup cache the two items of a pair sit side by side. Every rank
-    yields the same count (short ranks repeat their own items, like DistributedSampler;
-    `drop_last` trims instead). Call `set_epoch(e)` here and on the dataset each epoch."""
-
-    def __init__(
-        self,
-        dataset: CachedDataset,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        buffer_chunks: int = 4,
-        drop_last: bool = False,
-    ) -> None:
-        if num_replicas is None or rank is None:
-            dist = torch.distributed
-            on = dist.is_available() and dist.is_initialized()
-            num_replicas = num_replicas if num_replicas is not None else (
-                dist.get_world_size() if on else 1)  # fmt: skip
-            rank = rank if rank is not None else (dist.get_rank() if on else 0)
-        if not 0 <= rank < num_replicas:
-            raise KdcacheError(f"rank {rank} out of range 0..{num_replicas - 1}")
-        if buffer_chunks < 1:
-            raise KdcacheError(f"buffer_chunks={buffer_chunks}: expected >= 1")
-        self.dataset, self.world, self.rank = dataset, int(num_replicas), int(rank)
-        self.shuffle, self.seed, self.buffer = shuffle, int(seed), int(buffer_chunks)
-        self.drop_last, self.epoch = drop_last, 0
-        spec = dataset.cache.spec
-        self.chunk_samples, self.n_chunks = spec.chunk_samples, spec.n_chunks
-        self.per_row = dataset.cache.num_views if dataset.k == 0 else 1
-        total = len(dataset)
-        self.num = total // self.world if drop_last else math.ceil(total / self.world)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num
-
-    def __iter__(self) -> Iterator[int]:
-        rng = np.random.Generator(np.random.Philox(key=(self.seed << 32) + self.epoch + 7))
-        chunks = rng.permutation(self.n_chunks) if self.shuffle else np.arange(self.n_chunks)
-        mine = chunks[self.rank :: self.world]
-        n = len(self.dataset.cache)
-        out = []
-        for lo in range(0, len(mine), self.buffer):
-            idx = np.concatenate([
-                np.arange(c * self.chunk_samples, min((c + 1) * self.chunk_samples, n))
-                for c in mine[lo : lo + self.buffer]
-            ])  # fmt: skip
-            idx = (idx[:, None] * self.per_row + np.arange(self.per_row)).reshape(-1)
-            out.append(self.dataset.pair_adjacent(rng.permutation(idx) if self.shuffle else idx))
-        items = np.concatenate(out) if out else np.empty(0, np.int64)
-        if len(items) < self.num and len(items):  # pad with this rank's own items
-            items = np.resize(items, self.num)
-        return iter(items[: self.num].tolist())

@@ -41,7 +41,9 @@ def main(argv=None) -> dict:
     loss_fn = kdcache.get_loss(args.loss)
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, num_workers=args.workers,
-        sampler=kdcache.ChunkSampler(data, seed=args.seed),  # chunk-local reads, rank-sharded
+        sampler=kdcache.ChunkSampler(  # chunk-local reads, rank-sharded, a worker its chunks
+            data, seed=args.seed, lanes=max(args.workers, 1), batch_size=args.batch_size
+        ),
         collate_fn=data.collate,  # one shared buffer per batch from each worker
     )  # fmt: skip
     for epoch in range(epochs):

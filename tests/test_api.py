@@ -159,6 +159,27 @@ def test_chunk_sampler_shards_chunks_by_rank(cache_path):
     assert sorted(s) == list(range(N)) and list(s) != list(range(N))
 
 
+def test_chunk_sampler_lanes_give_each_worker_its_own_chunks(cache_path):
+    ds = kdcache.CachedDataset(cache_path, memory_budget_gb=0)
+    one = kdcache.ChunkSampler(ds, seed=3, buffer_chunks=2)
+    assert list(kdcache.ChunkSampler(ds, seed=3, buffer_chunks=2, lanes=1, batch_size=4)) == list(
+        one
+    )  # one lane: the plain order
+    s = kdcache.ChunkSampler(ds, seed=3, buffer_chunks=1, lanes=2, batch_size=4)
+    for epoch in (0, 1):
+        s.set_epoch(epoch)
+        order = list(s)
+        assert sorted(order) == list(range(N)) and order == list(s)  # each once, seeded
+        batches = [order[i : i + 4] for i in range(0, N, 4)]
+        chunks = [{i // 8 for b in batches[w::2] for i in b} for w in (0, 1)]
+        assert not chunks[0] & chunks[1] and len(chunks[0]) == 2  # worker j % 2: own chunks
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=s, num_workers=2)
+    rows = [r for b in loader for r in b["row"].tolist()]  # what the workers cut, in order
+    assert rows == list(s)
+    with pytest.raises(kdcache.KdcacheError, match="lanes=2, batch_size=None"):
+        kdcache.ChunkSampler(ds, lanes=2)
+
+
 def test_get_loss_is_the_registry_function():
     from kdcache.distill.losses import get_loss as registry
 
