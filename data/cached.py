@@ -131,14 +131,10 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def row_views(self, index: int) -> tuple[int, np.ndarray]:
         """(row, views) of item `index` this epoch."""
-        a = self.cache.num_views
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range 0..{len(self) - 1}")
-        if self.k == 0:
-            return index // a, np.array([index % a])
-        by = index // self.mix_group if self.mix_group else index
-        start = choose_augs(self.seed, self.epoch, [by], a)[0]
-        return index, (start + np.arange(self.k)) % a
+        rows, views = self._rows_views(np.array([index], dtype=np.int64))
+        return int(rows[0]), views.reshape(-1)
 
     def pair_adjacent(self, indices) -> np.ndarray:
         """``indices`` reordered so the two items of each Mixup/CutMix pair of a pair-mode
@@ -149,13 +145,9 @@ class CachedDataset(torch.utils.data.Dataset):
             return idx
         from kdcache.cache.epoch import pair_order
 
-        a = self.cache.num_views
-        if self.k == 0:
-            rows, augs = idx // a, idx % a
-        else:
-            rows, augs = idx, choose_augs(self.seed, self.epoch, idx // self.mix_group, a)
+        rows, augs = self._rows_views(idx)
         fn = lambda r, v: self.policy.mix_of(self.cache.view_params(r, v))[0]  # noqa: E731
-        return idx[pair_order(rows, augs, fn, a)]
+        return idx[pair_order(rows, augs, fn, self.cache.num_views)]
 
     def _batched(self, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
         """In-RAM images: one gather + the policy's batched replay, uint8 where no resize is
@@ -213,9 +205,10 @@ class CachedDataset(torch.utils.data.Dataset):
         flat_rows, flat_views = np.repeat(rows, k), views.reshape(-1)
         params = self.cache.view_params(flat_rows, flat_views)
         params = np.ascontiguousarray(params, dtype=np.float32)
+        lengths = None
         if self.collate_text is not None:
-            return self._text_items(rows, views, params)
-        if self.batched:
+            x, lengths = self._text_input(rows, params)
+        elif self.batched:
             x = self._batched(self.rows[flat_rows], params)
             x = x.reshape(len(rows), k, *x.shape[1:]) if views.ndim == 2 else x
         else:  # decoded per row, as distill's workers do
@@ -231,7 +224,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "row": torch.from_numpy(rows),
             "view": torch.from_numpy(views),
         }
-        return Items(batch)
+        return Items(batch, lengths)
 
     def _rows_views(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, views) of items `idx` this epoch, batched `row_views`."""
@@ -242,24 +235,17 @@ class CachedDataset(torch.utils.data.Dataset):
         start = choose_augs(self.seed, self.epoch, by, a)
         return idx, start if self.k == 1 else (start[:, None] + np.arange(self.k)) % a
 
-    def _text_items(self, rows: np.ndarray, views: np.ndarray, params: np.ndarray) -> Items:
-        """Text items of a batch: one tokenizer call and one batched replay of the policy,
-        which is batch-independent (data/text.TextCollate: per-position seeded scores, pads
-        never masked), so each item, cut back to its own length, equals `self[i]`; `collate`
-        takes the padded batch as it is."""
+    def _text_input(self, rows: np.ndarray, params: np.ndarray) -> tuple[dict, list[int]]:
+        """Text inputs of a batch, padded to the longest, and each text's length: one
+        tokenizer call and one batched replay of the policy, which is batch-independent
+        (data/text.TextCollate: per-position seeded scores, pads never masked), so an item
+        cut back to its own length equals `self[i]`; `collate` takes the padded batch."""
         seqs = self.collate_text.token_lists([self.source.load(int(self.rows[r])) for r in rows])
         lengths = [len(seq) for seq in seqs]
         ids = np.full((len(seqs), max(lengths, default=0)), self.pad_id, dtype=np.int64)
         for j, seq in enumerate(seqs):
             ids[j, : lengths[j]] = seq
-        batch = {
-            "input": self.policy.apply(torch.from_numpy(ids), torch.from_numpy(params)),
-            "label": self.labels[torch.from_numpy(rows)],
-            "teacher_logits": torch.from_numpy(self.cache.logits_numpy(rows, views)),
-            "row": torch.from_numpy(rows),
-            "view": torch.from_numpy(views),
-        }
-        return Items(batch, lengths)
+        return self.policy.apply(torch.from_numpy(ids), torch.from_numpy(params)), lengths
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         """Batch items (`DataLoader(ds, collate_fn=ds.collate)`). Images: default_collate's

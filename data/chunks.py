@@ -49,7 +49,11 @@ class ChunkSampler(torch.utils.data.Sampler):
             raise KdcacheError(f"rank {rank} out of range 0..{num_replicas - 1}")
         if buffer_chunks < 1:
             raise KdcacheError(f"buffer_chunks={buffer_chunks}: expected >= 1")
-        if lanes < 1 or (lanes > 1 and (batch_size is None or batch_size < 1)):
+
+        def whole(v) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+        if not whole(lanes) or (lanes > 1 and not whole(batch_size)):
             raise KdcacheError(
                 f"lanes={lanes}, batch_size={batch_size}: expected lanes >= 1, and with "
                 "lanes > 1 the DataLoader's batch_size (>= 1)"

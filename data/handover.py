@@ -73,7 +73,7 @@ def new_buffer(size: int) -> tuple[torch.Tensor, object]:
 
 _HEADER = 64  # byte 0: the main process has mapped the ring; byte 1 + k: slot k is in use
 _FENCE = threading.Lock()
-_MAPPED: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # main process: worker pid -> ring
+_MAPPED: dict[int, np.ndarray] = {}  # main process: worker pid -> its ring (keeps it mapped)
 
 
 def _fence() -> None:
@@ -118,9 +118,11 @@ class _Ring:
                 return i
         return None
 
+    def offset(self, slot: int) -> int:
+        return _HEADER + slot * self.slot_bytes
+
     def slot_buffer(self, slot: int, size: int) -> torch.Tensor:
-        off = _HEADER + slot * self.slot_bytes
-        return self.mem[off : off + size]
+        return self.mem[self.offset(slot) : self.offset(slot) + size]
 
 
 class ViaRing(dict):
@@ -136,8 +138,7 @@ class ViaRing(dict):
     def __reduce__(self):
         r = self._ring
         mem = None if r.flags[0] else r.mem  # pickled by torch: the main process maps it
-        off = _HEADER + self._slot * r.slot_bytes
-        return _from_ring, (mem, r.pid, self._slot, off, self._size, self._layout)
+        return _from_ring, (mem, r.pid, self._slot, r.offset(self._slot), self._size, self._layout)
 
 
 def _from_ring(mem, pid: int, slot: int, off: int, size: int, layout: dict):
@@ -146,9 +147,9 @@ def _from_ring(mem, pid: int, slot: int, off: int, size: int, layout: dict):
 
         for p in [p for p in _MAPPED if p != pid and not pid_alive(p)]:
             _MAPPED.pop(p, None)
-        _MAPPED[pid] = (mem, mem.numpy())
-        _MAPPED[pid][1][0] = 1
-    ring = _MAPPED[pid][1]
+        _MAPPED[pid] = mem.numpy()  # the array holds the tensor, so the mapping stays
+        _MAPPED[pid][0] = 1
+    ring = _MAPPED[pid]
     buf = ring[off : off + size].copy()  # numpy: one memcpy, no thread team to wake
     _fence()
     ring[1 + slot] = 0

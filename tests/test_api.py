@@ -178,6 +178,9 @@ def test_chunk_sampler_lanes_give_each_worker_its_own_chunks(cache_path):
     assert rows == list(s)
     with pytest.raises(kdcache.KdcacheError, match="lanes=2, batch_size=None"):
         kdcache.ChunkSampler(ds, lanes=2)
+    for bad in ({"lanes": 0}, {"lanes": 1.5}, {"lanes": 2, "batch_size": 0}):
+        with pytest.raises(kdcache.KdcacheError, match="expected lanes >= 1"):
+            kdcache.ChunkSampler(ds, **bad)
 
 
 def test_get_loss_is_the_registry_function():
